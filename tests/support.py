@@ -8,6 +8,7 @@ tool is a broken setup, never a reason to pass.
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,10 @@ def require(tool):
     preferred = PREFERRED.get(tool)
     if preferred and os.access(preferred, os.X_OK):
         return preferred
+    # Tools installed from PyPI live beside the interpreter running pytest.
+    beside = Path(sys.executable).parent / tool
+    if os.access(beside, os.X_OK):
+        return str(beside)
     path = shutil.which(tool)
     if path:
         return path
