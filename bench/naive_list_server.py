@@ -12,9 +12,9 @@ paging and no limits. It answers with the same JSON shape as
 
 `GET /files` returns `{"directory": "/", "files": [...], "count": N,
 "next": null}`, each entry with `name`, `type` (file, dir, symlink,
-other), `size` and `mtime` (RFC 3339, UTC, whole seconds). Anything else
-is 404. The benchmark also imports `listing_document` to time the same
-work in-process (the "floor").
+other), `size` and `mtime` (RFC 3339, UTC, to the microsecond).
+Anything else is 404. The benchmark also imports `listing_document` to
+time the same work in-process (the "floor").
 
 Environment variables: none (flags only).
 
@@ -37,7 +37,7 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-RFC3339_UTC = "%Y-%m-%dT%H:%M:%SZ"
+RFC3339_SECONDS = "%Y-%m-%dT%H:%M:%S"
 
 
 def entry_type(mode):
@@ -51,6 +51,13 @@ def entry_type(mode):
     return "other"
 
 
+def rfc3339(ns):
+    """Format a time in nanoseconds as RFC 3339 UTC, to microseconds."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    whole = time.strftime(RFC3339_SECONDS, time.gmtime(seconds))
+    return f"{whole}.{fraction // 1000:06d}Z"
+
+
 def scan_directory(directory):
     """List `directory`: one dict per entry, with one lstat each."""
     entries = []
@@ -62,9 +69,7 @@ def scan_directory(directory):
                     "name": entry.name,
                     "type": entry_type(info.st_mode),
                     "size": info.st_size,
-                    "mtime": time.strftime(
-                        RFC3339_UTC, time.gmtime(info.st_mtime)
-                    ),
+                    "mtime": rfc3339(info.st_mtime_ns),
                 }
             )
     return entries
