@@ -975,7 +975,14 @@ def check_tools(args):
         raise BenchError(f"project server not found: {args.server}")
 
 
-def start_servers(args, directory, workdir):
+def stop_all(running):
+    """Stop every server in `running`, emptying it."""
+    while running:
+        running.pop().stop()
+
+
+def start_servers(args, directory, workdir, running):
+    """Start the selected servers; each joins `running` once spawned."""
     servers = []
     for name in args.servers:
         if name == "nginx":
@@ -989,8 +996,9 @@ def start_servers(args, directory, workdir):
             server = python_server(
                 args.python, "project", args.server, directory, workdir
             )
-        servers.append(server)
         server.start()
+        servers.append(server)
+        running.append(server)
     for server in servers:
         server.wait_ready()
     time.sleep(0.5)
@@ -1040,9 +1048,10 @@ def benchmark(args, running):
         )
 
         with tempfile.TemporaryDirectory(prefix="list-bench-") as workdir:
-            servers = start_servers(args, directory, Path(workdir))
-            running.extend(servers)
             try:
+                servers = start_servers(
+                    args, directory, Path(workdir), running
+                )
                 idle_rss += [
                     s.idle_rss for s in servers if s.name == "project"
                 ]
@@ -1055,9 +1064,7 @@ def benchmark(args, running):
                         args, servers, count, report["floors"][count]
                     )
             finally:
-                for server in servers:
-                    server.stop()
-                    running.remove(server)
+                stop_all(running)
 
     report["load_after"] = load_average()
     report["targets"] = evaluate_targets(
@@ -1098,8 +1105,7 @@ def main(argv=None) -> int:
         log.error("interrupted; stopping the servers")
         return 130
     finally:
-        for server in running:
-            server.stop()
+        stop_all(running)
 
     print_report(report)
     path = save_report(report, args.results_dir)
