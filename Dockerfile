@@ -29,17 +29,21 @@ ENV FILE_DIRECTORY=/data/files \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# Owned by root and world-readable: any --user can run it, none can edit it.
+# Owned by root and read-only for all, whatever the umask of the checkout
+# was: any --user can run the server, none can edit it.
 WORKDIR /app
 COPY list_files_server.py /app/
+RUN chmod 0444 /app/list_files_server.py
 
 # /data/files is deliberately absent from the image: without a mount the
 # server starts, /readyz answers 503 and the container turns unhealthy.
 USER 10001:10001
 EXPOSE 5000
 
-# Python only (slim has no curl), no proxy lookups; PORT is read at run time.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+# Python only (slim has no curl) and no proxy lookups; PORT is read when
+# the probe runs. The first probe waits one interval, so "healthy" shows
+# ~15 s after start; a missing mount shows "unhealthy" after ~50 s.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import http.client, os, sys; \
 port = int(os.environ.get('PORT', '5000')); \
 conn = http.client.HTTPConnection('127.0.0.1', port, timeout=4); \
