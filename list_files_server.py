@@ -1,0 +1,1894 @@
+#!/usr/bin/env python3
+"""List the files of one directory over HTTP, as JSON.
+
+Usage:
+
+    FILE_DIRECTORY=/srv/files python3 list_files_server.py --port 8080
+    curl -s http://127.0.0.1:8080/files
+    curl -s 'http://127.0.0.1:8080/files/sub?sort=mtime&order=desc'
+    curl -s -H 'Accept: text/plain' http://127.0.0.1:8080/files
+
+Endpoints: GET/HEAD /files and /files/<subpath> (the listing), /healthz
+(liveness), /readyz (the directory can be listed), /metrics (Prometheus
+text format) and /openapi.json (OpenAPI 3.1 description of all of them).
+Only the standard library is used.
+
+Configuration (a flag overrides its environment variable):
+
+    FILE_DIRECTORY   --dir              directory to list (/data/files)
+    HOST             --host             address to bind (0.0.0.0)
+    PORT             --port             TCP port, 0 picks one (5000)
+    MAX_CONNECTIONS  --max-connections  open connections; more get 503 (64)
+    CONNECTION_TIMEOUT --timeout        seconds a client may idle or take
+                                        to send a request head (10)
+    MAX_ENTRIES      --max-entries      entries per response (100000)
+    STAT_TTL         --stat-ttl         seconds size/mtime may be old (1)
+    CACHE_MB         --cache-mb         memory for cached bodies (64)
+    SHUTDOWN_GRACE   --shutdown-grace   seconds to finish requests on
+                                        SIGTERM/SIGINT (5)
+    ACCESS_LOG       --access-log       on/off: JSON access log (on)
+    LOG_LEVEL        --log-level        DEBUG, INFO, WARNING, ERROR (INFO)
+
+Output: one JSON line per request on stdout (the access log); one line
+per diagnostic event on stderr.
+
+Exit codes: 0 after SIGTERM or SIGINT, 1 when the address cannot be
+bound, 2 for bad configuration. A missing directory is not bad
+configuration: the server starts and /readyz reports it.
+
+Freshness: a listing shows every change to the directory's entries
+(created, removed, renamed) that completed before the request started.
+The size and mtime of an entry are at most STAT_TTL seconds old (for
+directories whose stat pass takes longer than STAT_TTL/10, at most ten
+times that pass). See docs/list_files_server.md for the cache design.
+
+Limitations:
+- Symlinks are listed, never followed: /files/<link> is 404 even when the
+  link points inside the directory.
+- Freshness relies on the directory's mtime/ctime changing when entries
+  change; filesystems that cache attributes (NFS, FUSE) may lag.
+- Plain HTTP only: put TLS and authentication in front of it.
+- Only GET and HEAD; request bodies are not read, and a request that
+  announces one closes the connection after the response.
+"""
+
+import argparse
+import array
+import base64
+import bisect
+import contextlib
+import json
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import socketserver
+import stat
+import sys
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from http import HTTPStatus
+from urllib.parse import parse_qsl, quote, unquote_to_bytes
+
+# http.server pulls in http.client, which imports ssl when it can. This
+# server never speaks TLS; keeping ssl out saves ~4 MB of idle RSS.
+if "ssl" not in sys.modules:
+    sys.modules["ssl"] = None  # type: ignore[assignment]
+    import http.server
+
+    del sys.modules["ssl"]
+else:  # pragma: no cover - imported by a program that already has ssl
+    import http.server
+
+__version__ = "1.0.0"
+
+LOG = logging.getLogger("list_files_server")
+PROG = "list_files_server.py"
+
+TYPE_FILE, TYPE_DIR, TYPE_SYMLINK, TYPE_OTHER = range(4)
+TYPE_NAMES = ("file", "dir", "symlink", "other")
+TYPE_OF_MODE = {
+    stat.S_IFREG: TYPE_FILE,
+    stat.S_IFDIR: TYPE_DIR,
+    stat.S_IFLNK: TYPE_SYMLINK,
+}
+SORT_KEYS = ("name", "mtime", "size")
+QUERY_KEYS = frozenset(
+    ("limit", "cursor", "sort", "order", "type", "pattern", "hidden", "format")
+)
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK
+SUBDIR_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
+
+# Directory timestamps are as coarse as the filesystem makes them (2 s on
+# FAT); a scan that started this soon after the directory's mtime may
+# have missed a change that left the mtime as it was.
+RACY_WINDOW_NS = 2_000_000_000
+GZIP_MIN_BYTES = 1024
+# A client must read a response at least this fast (bytes per second).
+MIN_SEND_RATE = 64 * 1024
+
+
+class ConfigError(Exception):
+    """A configuration value is unusable; main() exits 2."""
+
+
+# ---------------------------------------------------------------- config
+
+
+class Config:
+    """Settings read from the command line and the environment."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit 2."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def env_default(environ, name, default):
+    value = environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def bounded_number(kind, name, low, high):
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or not low <= value <= high:
+            raise ConfigError(
+                f"{name} must be a number from {low} to {high}, got {text!r}"
+            )
+        return value
+
+    return convert
+
+
+def build_parser(environ):
+    parser = OneLineParser(
+        prog=PROG,
+        description="Serve a JSON listing of one directory over HTTP.",
+        epilog="Every option also reads the environment variable named "
+        "in capitals; the flag wins. Exit codes: 0 stopped by "
+        "SIGTERM/SIGINT, 1 cannot listen, 2 bad configuration.",
+    )
+    options = (
+        ("--dir", "FILE_DIRECTORY", "/data/files", str, "directory to list"),
+        # all interfaces: inside a container, that is what -p publishes
+        ("--host", "HOST", "0.0.0.0", str, "address to bind"),  # noqa: S104
+        ("--port", "PORT", "5000", int, "TCP port (0: any free one)"),
+        (
+            "--max-connections",
+            "MAX_CONNECTIONS",
+            "64",
+            int,
+            "open connections; more are answered 503",
+        ),
+        (
+            "--timeout",
+            "CONNECTION_TIMEOUT",
+            "10",
+            float,
+            "seconds a client may idle or take to send a request",
+        ),
+        (
+            "--max-entries",
+            "MAX_ENTRIES",
+            "100000",
+            int,
+            "maximum entries per response",
+        ),
+        (
+            "--stat-ttl",
+            "STAT_TTL",
+            "1",
+            float,
+            "seconds an entry's size/mtime may be old",
+        ),
+        ("--cache-mb", "CACHE_MB", "64", int, "MiB for cached bodies"),
+        (
+            "--shutdown-grace",
+            "SHUTDOWN_GRACE",
+            "5",
+            float,
+            "seconds to finish requests after SIGTERM",
+        ),
+        ("--access-log", "ACCESS_LOG", "on", str, "on or off"),
+        ("--log-level", "LOG_LEVEL", "INFO", str, "DEBUG ... ERROR"),
+    )
+    for flag, env, default, _, help_text in options:
+        parser.add_argument(
+            flag,
+            metavar=env,
+            default=env_default(environ, env, default),
+            help=f"{help_text} (${env}, default {default})",
+        )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    return parser
+
+
+def parse_config(argv, environ):
+    """Return a Config, or raise ConfigError with a one-line reason."""
+    args = build_parser(environ).parse_args(argv)
+    limits = {
+        "port": (int, "PORT", 0, 65535),
+        "max_connections": (int, "MAX_CONNECTIONS", 1, 100_000),
+        "timeout": (float, "CONNECTION_TIMEOUT", 0.05, 3600.0),
+        "max_entries": (int, "MAX_ENTRIES", 1, 10_000_000),
+        "stat_ttl": (float, "STAT_TTL", 0.0, 3600.0),
+        "cache_mb": (int, "CACHE_MB", 0, 1_000_000),
+        "shutdown_grace": (float, "SHUTDOWN_GRACE", 0.0, 3600.0),
+    }
+    values = {}
+    for key, (kind, name, low, high) in limits.items():
+        values[key] = bounded_number(kind, name, low, high)(getattr(args, key))
+    access_log = args.access_log.lower()
+    if access_log not in ("on", "off"):
+        raise ConfigError(f"ACCESS_LOG must be on or off, got {access_log!r}")
+    level = args.log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(
+            f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}"
+        )
+    if not args.dir or "\0" in args.dir:
+        raise ConfigError("FILE_DIRECTORY must be a non-empty path")
+    if not args.host:
+        raise ConfigError("HOST must not be empty")
+    return Config(
+        directory=os.path.abspath(args.dir),
+        host=args.host,
+        access_log=access_log == "on",
+        log_level=level,
+        **values,
+    )
+
+
+# --------------------------------------------------------------- helpers
+
+
+def escape_for_log(text):
+    """Make text safe for a one-line log: no control characters."""
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def display_name(raw):
+    """The name for humans: undecodable bytes become U+FFFD."""
+    return raw.decode("utf-8", "replace")
+
+
+_SECOND_PREFIX = {}
+
+
+def rfc3339(ns):
+    """RFC 3339 UTC time with microseconds for a time in nanoseconds."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    prefix = _SECOND_PREFIX.get(seconds)
+    if prefix is None:
+        if len(_SECOND_PREFIX) > 100_000:
+            _SECOND_PREFIX.clear()
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _SECOND_PREFIX[seconds] = prefix
+    return f"{prefix}.{fraction // 1000:06d}Z"
+
+
+_HTTP_DATE = [0, ""]
+
+
+def http_date():
+    now = int(time.time())
+    if _HTTP_DATE[0] != now:
+        stamp = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+        _HTTP_DATE[:] = [now, stamp]
+    return _HTTP_DATE[1]
+
+
+def json_bytes(document):
+    return (json.dumps(document, separators=(",", ":")) + "\n").encode()
+
+
+def error_body(status, message):
+    return json_bytes({"error": {"status": status, "message": message}})
+
+
+# --------------------------------------------------------------- listing
+
+
+class HTTPError(Exception):
+    """Ends a request with a JSON error; the message is safe to show."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = tuple(headers)
+
+
+def open_root(root):
+    """Open the configured directory; HTTPError 503 when unusable."""
+    try:
+        return os.open(root, DIR_FLAGS)
+    except OSError:
+        raise HTTPError(503, "the directory is not available") from None
+
+
+def open_subdirectory(root_fd, parts):
+    """Walk `parts` from root_fd one component at a time.
+
+    Each step is an openat() with O_NOFOLLOW|O_DIRECTORY relative to the
+    previous step's descriptor, so neither a symlink nor a component
+    swapped for one while the request runs can lead outside the root.
+    The caller owns the returned descriptor; root_fd is not closed.
+    """
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            next_fd = os.open(part, SUBDIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+    except PermissionError:
+        os.close(fd)
+        raise HTTPError(403, "the directory is not readable") from None
+    except OSError:
+        os.close(fd)
+        raise HTTPError(404, "not found") from None
+    return fd
+
+
+def parse_subpath(raw_path):
+    """Split '/files/a/b' into [b'a', b'b'], or raise HTTPError 404.
+
+    Rejected: empty components (doubled slashes), '.', '..', and
+    components that decode to a slash, a backslash or a NUL byte.
+    """
+    if raw_path in ("/files", "/files/"):
+        return []
+    rest = raw_path[len("/files/") :]
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    parts = []
+    for segment in rest.split("/"):
+        part = unquote_to_bytes(segment)
+        if (
+            part in (b"", b".", b"..")
+            or b"/" in part
+            or b"\\" in part
+            or b"\0" in part
+        ):
+            raise HTTPError(404, "not found")
+        parts.append(part)
+    return parts
+
+
+class Snapshot:
+    """One scan of a directory: names sorted by code point, and columns.
+
+    Names are str as os.listdir returns them (undecodable bytes as
+    surrogate escapes); types is a bytearray of TYPE_* codes; sizes and
+    mtimes (ns) are arrays of int64 where -1 means "could not stat".
+    Instances are never changed after publication, except `stats_at`.
+    """
+
+    __slots__ = (
+        "id",
+        "identity",
+        "mtimes",
+        "names",
+        "racy",
+        "scan_started",
+        "sizes",
+        "stat_seconds",
+        "stats_at",
+        "types",
+        "views",
+    )
+
+    _ids = iter(range(1, 1 << 62))
+
+    def __init__(self, identity, names, columns, scan_started, racy):
+        self.id = next(Snapshot._ids)
+        self.identity = identity
+        self.names = names
+        self.types, self.sizes, self.mtimes, self.stat_seconds = columns
+        self.scan_started = scan_started
+        self.stats_at = time.monotonic()
+        self.racy = racy
+        self.views = {}
+
+
+def directory_identity(st):
+    return (
+        st.st_dev,
+        st.st_ino,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_size,
+        st.st_nlink,
+        st.st_mode,
+    )
+
+
+def stat_entries(fd, names):
+    """lstat every name relative to fd; return columns or None.
+
+    None means an entry vanished, so the directory changed under us.
+    Entries are never opened: a FIFO or a socket cannot block the scan.
+    """
+    started = time.monotonic()
+    types = bytearray()
+    sizes = array.array("q")
+    mtimes = array.array("q")
+    add_type, add_size, add_mtime = types.append, sizes.append, mtimes.append
+    lstat = os.lstat
+    type_of = TYPE_OF_MODE.get
+    for name in names:
+        try:
+            st = lstat(name, dir_fd=fd)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            add_type(TYPE_OTHER)
+            add_size(-1)
+            add_mtime(-1)
+            continue
+        add_type(type_of(stat.S_IFMT(st.st_mode), TYPE_OTHER))
+        add_size(st.st_size)
+        add_mtime(st.st_mtime_ns)
+    return types, sizes, mtimes, time.monotonic() - started
+
+
+class ListingCache:
+    """Scans directories once and re-validates them on every request.
+
+    A snapshot is reused while the directory's own stat (device, inode,
+    mtime, ctime, size, link count, mode) is unchanged, unless the scan
+    was "racy": it started within RACY_WINDOW_NS of the directory's
+    mtime, so a later change could share that mtime; a racy snapshot
+    serves only requests that started before its scan did.  Entry
+    stats are re-read when older than the stat TTL.
+    """
+
+    def __init__(self, stat_ttl, metrics, max_cached_entries=2_000_000):
+        self.stat_ttl = stat_ttl
+        self.metrics = metrics
+        self.max_cached_entries = max_cached_entries
+        self.snapshots = OrderedDict()
+        self.key_locks = {}
+        self.lock = threading.Lock()
+
+    def get(self, key, fd, request_started):
+        """Return a Snapshot of directory fd valid for this request."""
+        snapshot = self.snapshots.get(key)
+        identity = directory_identity(os.fstat(fd))
+        if self.usable(snapshot, identity, request_started):
+            return snapshot
+        with self.lock:
+            key_lock = self.key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            snapshot = self.snapshots.get(key)
+            identity = directory_identity(os.fstat(fd))
+            if self.usable(snapshot, identity, request_started):
+                return snapshot
+            if self.entries_valid(snapshot, identity, request_started):
+                fresh = self.refresh_stats(snapshot, fd)
+            else:
+                fresh = None
+            if fresh is None:
+                fresh = self.scan(fd)
+            self.store(key, fresh)
+            return fresh
+
+    def entries_valid(self, snapshot, identity, request_started):
+        if snapshot is None or snapshot.identity != identity:
+            return False
+        return not snapshot.racy or snapshot.scan_started >= request_started
+
+    def usable(self, snapshot, identity, request_started):
+        if not self.entries_valid(snapshot, identity, request_started):
+            return False
+        ttl = max(self.stat_ttl, 10 * snapshot.stat_seconds)
+        return time.monotonic() - snapshot.stats_at <= ttl
+
+    def scan(self, fd):
+        """Read the directory afresh (names, then one lstat each)."""
+        while True:
+            started = time.monotonic()
+            wall_started = time.time_ns()
+            st = os.fstat(fd)
+            names = os.listdir(fd)
+            names.sort()
+            columns = stat_entries(fd, names)
+            if columns is not None:
+                break
+        racy = st.st_mtime_ns >= wall_started - RACY_WINDOW_NS
+        self.metrics.observe_scan(time.monotonic() - started)
+        return Snapshot(directory_identity(st), names, columns, started, racy)
+
+    def refresh_stats(self, snapshot, fd):
+        """Re-read entry stats; the same snapshot if nothing changed."""
+        columns = stat_entries(fd, snapshot.names)
+        if columns is None:
+            return None
+        types, sizes, mtimes, seconds = columns
+        if (
+            types == snapshot.types
+            and sizes == snapshot.sizes
+            and mtimes == snapshot.mtimes
+        ):
+            snapshot.stats_at = time.monotonic()
+            snapshot.stat_seconds = seconds
+            return snapshot
+        fresh = Snapshot(
+            snapshot.identity,
+            snapshot.names,
+            columns,
+            snapshot.scan_started,
+            snapshot.racy,
+        )
+        return fresh
+
+    def store(self, key, snapshot):
+        with self.lock:
+            self.snapshots[key] = snapshot
+            self.snapshots.move_to_end(key)
+            total = sum(len(s.names) for s in self.snapshots.values())
+            while total > self.max_cached_entries and len(self.snapshots) > 1:
+                old_key, old = self.snapshots.popitem(last=False)
+                self.key_locks.pop(old_key, None)
+                total -= len(old.names)
+
+
+class Query:
+    """The validated query parameters of a listing request."""
+
+    __slots__ = (
+        "cursor",
+        "format",
+        "hidden",
+        "limit",
+        "order",
+        "pattern",
+        "sort",
+        "types",
+    )
+
+    def fingerprint(self, key):
+        """What a cursor must have been made for (path and filters)."""
+        text = repr(
+            (key, self.sort, self.order, self.types, self.pattern, self.hidden)
+        )
+        return zlib.crc32(text.encode("utf-8", "surrogateescape"))
+
+    def view_key(self):
+        return (self.sort, self.order, self.types, self.pattern, self.hidden)
+
+
+def parse_query(raw_query, max_entries, accept):
+    """Validate the query string; HTTPError 400 on any bad value."""
+    try:
+        pairs = parse_qsl(
+            raw_query,
+            keep_blank_values=True,
+            errors="surrogateescape",
+            max_num_fields=len(QUERY_KEYS),
+        )
+    except ValueError:
+        raise HTTPError(400, "too many query parameters") from None
+    values = {}
+    for name, value in pairs:
+        if name not in QUERY_KEYS:
+            raise HTTPError(400, f"unknown query parameter {name!r}")
+        if name in values:
+            raise HTTPError(400, f"query parameter {name!r} is repeated")
+        values[name] = value
+
+    query = Query()
+    limit = values.get("limit", str(max_entries))
+    if not (limit.isascii() and limit.isdigit()) or not (
+        1 <= int(limit) <= max_entries
+    ):
+        raise HTTPError(
+            400, f"limit must be an integer from 1 to {max_entries}"
+        )
+    query.limit = int(limit)
+    query.cursor = values.get("cursor")
+    query.sort = values.get("sort", "name")
+    if query.sort not in SORT_KEYS:
+        raise HTTPError(400, "sort must be name, mtime or size")
+    query.order = values.get("order", "asc")
+    if query.order not in ("asc", "desc"):
+        raise HTTPError(400, "order must be asc or desc")
+    types = values.get("type")
+    if types is None:
+        query.types = None
+    else:
+        wanted = set(types.split(","))
+        if not wanted or not wanted <= set(TYPE_NAMES):
+            raise HTTPError(
+                400,
+                "type must be a comma-separated list of "
+                "file, dir, symlink, other",
+            )
+        query.types = tuple(sorted(TYPE_NAMES.index(t) for t in wanted))
+    query.pattern = values.get("pattern")
+    if query.pattern is not None and not 1 <= len(query.pattern) <= 255:
+        raise HTTPError(400, "pattern must be 1 to 255 characters")
+    hidden = values.get("hidden", "true")
+    if hidden not in BOOLEANS:
+        raise HTTPError(400, "hidden must be true or false")
+    query.hidden = BOOLEANS[hidden]
+    fmt = values.get("format")
+    if fmt is None:
+        fmt = "text" if prefers_text(accept) else "json"
+    elif fmt not in ("json", "text"):
+        raise HTTPError(400, "format must be json or text")
+    query.format = fmt
+    return query
+
+
+def prefers_text(accept):
+    """True when Accept ranks text/plain above application/json."""
+    if not accept or "text/plain" not in accept:
+        return False
+    best = {"json": -1.0, "text": -1.0}
+    for item in accept.split(","):
+        media, _, params = item.strip().partition(";")
+        weight = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        media = media.strip().lower()
+        if media == "text/plain":
+            best["text"] = max(best["text"], weight)
+        elif media in ("application/json", "application/*", "*/*"):
+            best["json"] = max(best["json"], weight)
+    return best["text"] > 0 and best["text"] > best["json"]
+
+
+def build_view(snapshot, query):
+    """The indices of the entries the query selects, in its order."""
+    key = query.view_key()
+    view = snapshot.views.get(key)
+    if view is not None:
+        return view
+    count = len(snapshot.names)
+    if query.sort == "name":
+        order = range(count)
+    else:
+        column = snapshot.mtimes if query.sort == "mtime" else snapshot.sizes
+        # names are sorted and sort() is stable: ties stay in name order
+        order = array.array("l", sorted(range(count), key=column.__getitem__))
+    if query.types is not None or query.pattern or not query.hidden:
+        order = array.array("l", filter_entries(snapshot, order, query))
+    if query.order == "desc":
+        order = order[::-1]
+    if len(snapshot.views) >= 16:
+        snapshot.views.clear()
+    snapshot.views[key] = order
+    return order
+
+
+def filter_entries(snapshot, order, query):
+    names, types = snapshot.names, snapshot.types
+    selected = order
+    if query.types is not None:
+        wanted = set(query.types)
+        selected = [i for i in selected if types[i] in wanted]
+    if not query.hidden:
+        selected = [i for i in selected if not names[i].startswith(".")]
+    if query.pattern:
+        import fnmatch
+        import re
+
+        match = re.compile(fnmatch.translate(query.pattern), re.S).match
+        selected = [i for i in selected if match(names[i])]
+    return selected
+
+
+def sort_key(snapshot, query, index):
+    name = snapshot.names[index]
+    if query.sort == "mtime":
+        return (snapshot.mtimes[index], name)
+    if query.sort == "size":
+        return (snapshot.sizes[index], name)
+    return (name,)
+
+
+def encode_cursor(fingerprint, snapshot, position, key):
+    raw = json.dumps([1, fingerprint, snapshot.id, position, *key])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(text, fingerprint):
+    """Return (snapshot id, position, key) or raise HTTPError 400."""
+    try:
+        padded = text + "=" * (-len(text) % 4)
+        raw = base64.urlsafe_b64decode(padded.encode("ascii"))
+        value = json.loads(raw)
+        version, made_for, snapshot_id, position, *key = value
+        valid = (
+            version == 1
+            and isinstance(made_for, int)
+            and isinstance(snapshot_id, int)
+            and isinstance(position, int)
+            and position >= 0
+            and 1 <= len(key) <= 2
+            and isinstance(key[-1], str)
+            and all(isinstance(k, int) for k in key[:-1])
+        )
+    except (ValueError, TypeError, UnicodeError):
+        valid = False
+    if not valid:
+        raise HTTPError(400, "cursor is not valid")
+    if made_for != fingerprint:
+        raise HTTPError(400, "cursor belongs to a different query")
+    return snapshot_id, position, tuple(key)
+
+
+def page_start(snapshot, query, view, cursor):
+    """Where the page after the cursor's entry starts in view."""
+    snapshot_id, position, key = cursor
+    if (
+        snapshot_id == snapshot.id
+        and 0 < position <= len(view)
+        and sort_key(snapshot, query, view[position - 1]) == key
+    ):
+        return position
+    descending = query.order == "desc"
+    low, high = 0, len(view)
+    while low < high:
+        middle = (low + high) // 2
+        probe = sort_key(snapshot, query, view[middle])
+        after = probe < key if descending else probe > key
+        if after:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def render_entries(snapshot, indices):
+    """JSON text of the entries at indices, comma-separated."""
+    if isinstance(indices, range) and indices.step == 1:
+        start, stop = indices.start, indices.stop
+        names = snapshot.names[start:stop]
+        types = snapshot.types[start:stop]
+        sizes = snapshot.sizes[start:stop]
+        mtimes = snapshot.mtimes[start:stop]
+    else:
+        names = [snapshot.names[i] for i in indices]
+        types = [snapshot.types[i] for i in indices]
+        sizes = [snapshot.sizes[i] for i in indices]
+        mtimes = [snapshot.mtimes[i] for i in indices]
+    encode = json.encoder.encode_basestring
+    prefixes = _SECOND_PREFIX
+    type_names = TYPE_NAMES
+    parts = []
+    add = parts.append
+    for name, kind, size, mtime in zip(
+        names, types, sizes, mtimes, strict=True
+    ):
+        extra = ""
+        if not name.isascii():
+            try:
+                name.encode()
+            except UnicodeEncodeError:
+                raw = os.fsencode(name)
+                b64 = base64.b64encode(raw).decode()
+                extra = f',"name_b64":"{b64}"'
+                name = display_name(raw)
+        if mtime < 0:
+            add(
+                f'{{"name":{encode(name)}{extra},"type":"{type_names[kind]}"'
+                ',"size":null,"mtime":null}'
+            )
+            continue
+        seconds, fraction = divmod(mtime, 1_000_000_000)
+        prefix = prefixes.get(seconds)
+        if prefix is None:
+            prefix = rfc3339(mtime)[:19]
+        add(
+            f'{{"name":{encode(name)}{extra},"type":"{type_names[kind]}",'
+            f'"size":{size},"mtime":"{prefix}.{fraction // 1000:06d}Z"}}'
+        )
+    return ",".join(parts)
+
+
+_TEXT_ESCAPES = {i: f"\\x{i:02x}" for i in range(32)}
+_TEXT_ESCAPES.update({9: "\\t", 10: "\\n", 13: "\\r", 127: "\\x7f"})
+
+
+def text_name(name):
+    """A name on one line: backslash, control and undecodable bytes
+    escaped C-style (\\\\, \\n, \\t, \\xNN)."""
+    if name.isprintable() and "\\" not in name:
+        return name
+    raw = os.fsencode(name).replace(b"\\", b"\\\\")
+    return raw.decode("utf-8", "backslashreplace").translate(_TEXT_ESCAPES)
+
+
+class Page:
+    """A rendered response body and what the headers need about it."""
+
+    __slots__ = ("body", "etag", "gzip", "next_link", "size")
+
+    def __init__(self, body, next_link):
+        import hashlib
+
+        self.body = body
+        self.next_link = next_link
+        digest = hashlib.blake2b(body, digest_size=12).hexdigest()
+        self.etag = f'"{digest}"'
+        self.gzip = None
+        self.size = len(body)
+
+    def gzipped(self):
+        if self.gzip is None:
+            compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+            self.gzip = compressor.compress(self.body) + compressor.flush()
+            self.size += len(self.gzip)
+        return self.gzip
+
+
+class BodyCache:
+    """Rendered pages by (snapshot, query, position), within a budget."""
+
+    def __init__(self, budget_bytes):
+        self.budget = budget_bytes
+        self.pages = OrderedDict()
+        self.used = 0
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            page = self.pages.get(key)
+            if page is not None:
+                self.pages.move_to_end(key)
+            return page
+
+    def put(self, key, page):
+        with self.lock:
+            if key in self.pages or page.size * 2 > self.budget:
+                return
+            self.pages[key] = page
+            self.used += page.size
+            self.trim()
+
+    def grew(self, page, extra):
+        with self.lock:
+            if any(p is page for p in self.pages.values()):
+                self.used += extra
+                self.trim()
+
+    def trim(self):
+        while self.used > self.budget and self.pages:
+            _, old = self.pages.popitem(last=False)
+            self.used -= old.size
+
+
+def link_path(parts):
+    if not parts:
+        return "/files"
+    return "/files/" + "/".join(quote(p, safe="") for p in parts)
+
+
+def render_page(snapshot, query, parts, view, start, fingerprint):
+    """Render one page of a listing as a Page."""
+    stop = min(start + query.limit, len(view))
+    indices = view[start:stop]
+    next_link = None
+    if stop < len(view):
+        key = sort_key(snapshot, query, view[stop - 1])
+        cursor = encode_cursor(fingerprint, snapshot, stop, key)
+        params = [("cursor", cursor)]
+        for name in ("limit", "sort", "order", "pattern"):
+            value = getattr(query, name)
+            if value is not None:
+                params.append((name, str(value)))
+        if query.types is not None:
+            params.append(
+                ("type", ",".join(TYPE_NAMES[t] for t in query.types))
+            )
+        params.append(("hidden", "true" if query.hidden else "false"))
+        params.append(("format", query.format))
+        encoded = "&".join(
+            f"{k}={quote(v, safe='', errors='surrogateescape')}"
+            for k, v in params
+        )
+        next_link = f"{link_path(parts)}?{encoded}"
+    if query.format == "text":
+        lines = [text_name(snapshot.names[i]) for i in indices]
+        lines.append("")
+        body = "\n".join(lines).encode()
+    else:
+        directory = "/" + "/".join(display_name(p) for p in parts)
+        head = json.dumps(
+            {
+                "directory": directory,
+                "count": stop - start,
+                "total": len(view),
+                "next": next_link,
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        body = (
+            f'{head[:-1]},"files":[{render_entries(snapshot, indices)}]}}\n'
+        ).encode()
+    return Page(body, next_link)
+
+
+# --------------------------------------------------------------- metrics
+
+
+REQUEST_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+SCAN_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value):
+        index = bisect.bisect_left(self.buckets, value)
+        self.counts[index] += 1
+        self.sum += value
+
+    def lines(self, name, labels):
+        prefix = labels + "," if labels else ""
+        cumulative = 0
+        for bound, count in zip(self.buckets, self.counts[:-1], strict=True):
+            cumulative += count
+            yield f'{name}_bucket{{{prefix}le="{bound}"}} {cumulative}'
+        cumulative += self.counts[-1]
+        yield f'{name}_bucket{{{prefix}le="+Inf"}} {cumulative}'
+        braces = f"{{{labels}}}" if labels else ""
+        yield f"{name}_sum{braces} {self.sum!r}"
+        yield f"{name}_count{braces} {cumulative}"
+
+
+class Metrics:
+    """Counters for /metrics; every method is safe from any thread."""
+
+    def __init__(self, max_connections):
+        self.lock = threading.Lock()
+        self.requests = {}
+        self.durations = {}
+        self.in_flight = 0
+        self.connections_open = 0
+        self.max_connections = max_connections
+        self.refused = 0
+        self.scan = Histogram(SCAN_BUCKETS)
+        self.last_entries = 0
+        self.directory_ready = 0
+        self.started = time.time()
+
+    def observe_request(self, route, method, status, seconds):
+        with self.lock:
+            key = (route, method, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            histogram = self.durations.get(route)
+            if histogram is None:
+                histogram = self.durations[route] = Histogram(REQUEST_BUCKETS)
+            histogram.observe(seconds)
+
+    def observe_scan(self, seconds):
+        with self.lock:
+            self.scan.observe(seconds)
+
+    def add(self, name, delta):
+        with self.lock:
+            setattr(self, name, getattr(self, name) + delta)
+
+    def render(self):
+        """The exposition text, format 0.0.4."""
+        out = []
+
+        def family(name, kind, help_text):
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        with self.lock:
+            family(
+                "list_files_http_requests_total",
+                "counter",
+                "HTTP requests answered, by route, method and status.",
+            )
+            for (route, method, status), count in sorted(
+                self.requests.items()
+            ):
+                out.append(
+                    "list_files_http_requests_total{"
+                    f'route="{route}",method="{method}",status="{status}"}} '
+                    f"{count}"
+                )
+            family(
+                "list_files_http_request_duration_seconds",
+                "histogram",
+                "Time from request head received to response sent.",
+            )
+            for route, histogram in sorted(self.durations.items()):
+                out.extend(
+                    histogram.lines(
+                        "list_files_http_request_duration_seconds",
+                        f'route="{route}"',
+                    )
+                )
+            gauges = (
+                (
+                    "list_files_http_requests_in_flight",
+                    "Requests being answered now.",
+                    self.in_flight,
+                ),
+                (
+                    "list_files_http_connections_open",
+                    "Client connections open now.",
+                    self.connections_open,
+                ),
+                (
+                    "list_files_http_connections_max",
+                    "Configured maximum of open connections.",
+                    self.max_connections,
+                ),
+            )
+            for name, help_text, value in gauges:
+                family(name, "gauge", help_text)
+                out.append(f"{name} {value}")
+            family(
+                "list_files_http_connections_refused_total",
+                "counter",
+                "Connections answered 503 for being over the limit.",
+            )
+            out.append(
+                f"list_files_http_connections_refused_total {self.refused}"
+            )
+            family(
+                "list_files_scan_duration_seconds",
+                "histogram",
+                "Time to read a directory and stat its entries.",
+            )
+            out.extend(self.scan.lines("list_files_scan_duration_seconds", ""))
+            for name, help_text, value in (
+                (
+                    "list_files_last_listing_entries",
+                    "Entries in the directory of the last listing served.",
+                    self.last_entries,
+                ),
+                (
+                    "list_files_directory_ready",
+                    "1 when the directory could be opened at the last "
+                    "check, else 0.",
+                    self.directory_ready,
+                ),
+            ):
+                family(name, "gauge", help_text)
+                out.append(f"{name} {value}")
+        family("list_files_build_info", "gauge", "Version of the server.")
+        python = ".".join(map(str, sys.version_info[:3]))
+        out.append(
+            f'list_files_build_info{{version="{__version__}",'
+            f'python_version="{python}"}} 1'
+        )
+        out.extend(process_metric_lines(self.started))
+        out.append("")
+        return "\n".join(out).encode()
+
+
+def process_metric_lines(fallback_start):
+    """The usual process_* metrics, read from /proc/self."""
+    try:
+        with open("/proc/self/stat", "rb") as stream:
+            fields = stream.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as stream:
+            boot = next(
+                int(line.split()[1])
+                for line in stream
+                if line.startswith(b"btime ")
+            )
+    except (OSError, StopIteration, IndexError, ValueError):
+        return []
+    ticks = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    # fields[0] is field 3 of proc(5): state
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    threads = int(fields[17])
+    start = boot + int(fields[19]) / ticks if boot else fallback_start
+    virtual = int(fields[20])
+    resident = int(fields[21]) * page
+    try:
+        open_fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_fds = -1
+    import resource
+
+    max_fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    rows = (
+        ("process_cpu_seconds_total", "counter", "CPU time used.", cpu),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time since the Unix epoch in seconds.",
+            start,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            resident,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            virtual,
+        ),
+        ("process_open_fds", "gauge", "Open file descriptors.", open_fds),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max_fds,
+        ),
+        ("process_threads", "gauge", "Threads in the process.", threads),
+    )
+    lines = []
+    for name, kind, help_text, value in rows:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"{name} {value}")
+    return lines
+
+
+# ---------------------------------------------------------------- server
+
+
+class RefusedConnections(threading.Thread):
+    """Drains and closes connections that were answered 503 at accept.
+
+    The 503 is sent at once; reading what the client still sends before
+    closing avoids a TCP reset that could discard that answer.  One
+    thread serves all of them, so refusals cannot exhaust threads.
+    """
+
+    max_pending = 256
+    linger_seconds = 2.0
+
+    def __init__(self):
+        super().__init__(name="refused-connections", daemon=True)
+        self.incoming = queue.SimpleQueue()
+        self.selector = selectors.DefaultSelector()
+        self.deadlines = {}
+
+    def add(self, sock):
+        if len(self.deadlines) >= self.max_pending:
+            sock.close()
+            return
+        self.incoming.put(sock)
+
+    def run(self):
+        while True:
+            block = not self.deadlines
+            try:
+                while True:
+                    sock = self.incoming.get(block=block)
+                    block = False
+                    self.deadlines[sock] = (
+                        time.monotonic() + self.linger_seconds
+                    )
+                    self.selector.register(sock, selectors.EVENT_READ)
+            except queue.Empty:
+                pass
+            for key, _ in self.selector.select(0.05):
+                try:
+                    data = key.fileobj.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self.drop(key.fileobj)
+            now = time.monotonic()
+            for sock, deadline in list(self.deadlines.items()):
+                if deadline < now:
+                    self.drop(sock)
+
+    def drop(self, sock):
+        self.selector.unregister(sock)
+        del self.deadlines[sock]
+        sock.close()
+
+
+class ListFilesServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with a connection cap and graceful shutdown.
+
+    main() calls serve_forever() in a thread, then stop() on a signal.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128
+
+    def __init__(self, config):
+        self.config = config
+        self.metrics = Metrics(config.max_connections)
+        self.listings = ListingCache(config.stat_ttl, self.metrics)
+        self.bodies = BodyCache(config.cache_mb * 1024 * 1024)
+        self.connections = {}
+        self.connections_lock = threading.Lock()
+        self.all_closed = threading.Condition(self.connections_lock)
+        self.stopping = False
+        self.refused = RefusedConnections()
+        self.access_log = AccessLog(sys.stdout) if config.access_log else None
+        try:
+            infos = socket.getaddrinfo(
+                config.host,
+                config.port,
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+        except socket.gaierror as error:
+            raise ConfigError(
+                f"HOST {config.host!r} is not an address: {error.strerror}"
+            ) from None
+        family, _, _, _, address = infos[0]
+        self.address_family = family
+        super().__init__(address[:2], ListFilesHandler)
+        self.refused.start()
+
+    def server_bind(self):
+        """Bind without HTTPServer's reverse DNS lookup of the host."""
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        """Called by the accept loop: start a handler thread or refuse."""
+        with self.connections_lock:
+            full = len(self.connections) >= self.config.max_connections
+            if not full and not self.stopping:
+                self.connections[request] = False
+                self.metrics.add("connections_open", 1)
+        if self.stopping:
+            self.shutdown_request(request)
+        elif full:
+            self.refuse(request)
+        else:
+            super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections.pop(request, None)
+                self.metrics.add("connections_open", -1)
+                self.all_closed.notify_all()
+
+    def refuse(self, sock):
+        self.metrics.add("refused", 1)
+        LOG.warning("connection refused: %d open", len(self.connections))
+        try:
+            sock.setblocking(False)
+            sock.send(REFUSED_RESPONSE)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        self.refused.add(sock)
+
+    def set_busy(self, sock, busy):
+        """Handlers mark themselves busy while answering a request.
+
+        Returns False when the server is stopping and the connection is
+        idle: the handler should close it.
+        """
+        with self.connections_lock:
+            if sock in self.connections:
+                self.connections[sock] = busy
+            if not busy:
+                self.all_closed.notify_all()
+            return busy or not self.stopping
+
+    def stop(self, grace):
+        """Stop accepting, close idle connections, wait for the rest."""
+        self.shutdown()
+        self.socket.close()
+        with self.connections_lock:
+            self.stopping = True
+            idle = [s for s, busy in self.connections.items() if not busy]
+        for sock in idle:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + grace
+        with self.connections_lock:
+            while any(self.connections.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.all_closed.wait(min(remaining, 0.05))
+                for sock, busy in self.connections.items():
+                    if not busy:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+            unfinished = sum(self.connections.values())
+        if unfinished:
+            LOG.warning("stopped with %d requests unfinished", unfinished)
+
+
+REFUSED_BODY = error_body(503, "too many connections, retry later")
+REFUSED_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Server: list-files\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: " + str(len(REFUSED_BODY)).encode() + b"\r\n"
+    b"Retry-After: 1\r\n"
+    b"Cache-Control: no-store\r\n"
+    b"X-Content-Type-Options: nosniff\r\n"
+    b"Connection: close\r\n\r\n" + REFUSED_BODY
+)
+
+
+class AccessLog:
+    """One JSON object per line, written whole under a lock."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def write(self, **fields):
+        line = json.dumps(fields, separators=(",", ":")) + "\n"
+        with self.lock:
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+class BadRequest(Exception):
+    """The request head cannot be parsed; answered and then closed."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+ROUTES = {
+    "/healthz": "healthz",
+    "/readyz": "readyz",
+    "/metrics": "metrics",
+    "/openapi.json": "openapi",
+}
+
+
+class ListFilesHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection; ListFilesServer starts it in a thread.
+
+    The request head is read straight from the socket against a deadline
+    (slow senders are cut off), and responses are written in one or two
+    sendall() calls; BaseHTTPRequestHandler's line-by-line parser and
+    its email-based header parsing are not used.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "list-files"
+    sys_version = ""
+    max_request_line = 8192
+    max_header_bytes = 16384
+    max_headers = 100
+
+    def setup(self):
+        self.connection = self.request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pending = bytearray()
+        self.close_connection = False
+        self.config = self.server.config
+
+    def finish(self):
+        pass
+
+    def version_string(self):
+        return self.server_version
+
+    def handle(self):
+        while not self.close_connection:
+            self.handle_one_request()
+
+    def handle_one_request(self):
+        """Read one request head, answer it; set close_connection."""
+        try:
+            head = self.read_head()
+        except BadRequest as error:
+            self.started = time.monotonic()
+            self.method, self.target, self.route = "-", "-", "unmatched"
+            self.close_connection = True
+            self.respond_error(error.status, error.message)
+            return
+        if head is None:
+            self.close_connection = True
+            return
+        if not self.server.set_busy(self.connection, True):
+            self.close_connection = True
+        self.metrics.add("in_flight", 1)
+        try:
+            self.answer(head)
+        finally:
+            self.metrics.add("in_flight", -1)
+            if not self.server.set_busy(self.connection, False):
+                self.close_connection = True
+
+    @property
+    def metrics(self):
+        return self.server.metrics
+
+    def receive(self, deadline):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        self.connection.settimeout(remaining)
+        return self.connection.recv(65536)
+
+    def read_head(self):
+        """The request head as bytes, None on a clean close or idle
+        timeout; BadRequest for oversized or too slow heads."""
+        deadline = time.monotonic() + self.config.timeout
+        limit = self.max_request_line + self.max_header_bytes
+        buffer = self.pending
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                end += 4
+                break
+            end = buffer.find(b"\n\n")
+            if end >= 0:
+                end += 2
+                break
+            first_line = buffer.find(b"\n")
+            if (first_line < 0 and len(buffer) > self.max_request_line) or (
+                first_line > self.max_request_line
+            ):
+                raise BadRequest(414, "request line too long")
+            if len(buffer) > limit:
+                raise BadRequest(431, "request header fields too large")
+            try:
+                chunk = self.receive(deadline)
+            except (TimeoutError, OSError):
+                if buffer.strip():
+                    raise BadRequest(408, "request timeout") from None
+                return None
+            if not chunk:
+                if buffer.strip():
+                    raise BadRequest(400, "incomplete request")
+                return None
+            if not buffer.strip():
+                # the deadline for a request counts from its first byte
+                deadline = time.monotonic() + self.config.timeout
+            buffer += chunk
+        head = bytes(buffer[:end])
+        del buffer[:end]
+        if len(head) > limit:
+            first_line = head.find(b"\n")
+            if first_line > self.max_request_line:
+                raise BadRequest(414, "request line too long")
+            raise BadRequest(431, "request header fields too large")
+        return head
+
+    def parse_head(self, head):
+        """Set method, target, headers; BadRequest when malformed."""
+        lines = head.decode("latin-1").split("\n")
+        request_line = lines[0].rstrip("\r")
+        words = request_line.split(" ")
+        if len(words) != 3:
+            raise BadRequest(400, "malformed request line")
+        self.method, self.target, version = words
+        self.request_version = version
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise BadRequest(400, "unsupported HTTP version")
+        headers = {}
+        for line in lines[1:]:
+            line = line.rstrip("\r")
+            if not line:
+                continue
+            name, colon, value = line.partition(":")
+            if (
+                not colon
+                or not name
+                or name != name.strip()
+                or line[0] in " \t"
+            ):
+                raise BadRequest(400, "malformed header line")
+            name = name.lower()
+            value = value.strip()
+            if name in headers:
+                headers[name] += ", " + value
+            else:
+                headers[name] = value
+        if len(headers) > self.max_headers:
+            raise BadRequest(431, "too many header fields")
+        self.header_map = headers
+        connection = headers.get("connection", "").lower()
+        if version == "HTTP/1.0":
+            self.close_connection = "keep-alive" not in connection
+        elif "close" in connection:
+            self.close_connection = True
+        if "transfer-encoding" in headers or headers.get(
+            "content-length", "0"
+        ) not in ("0", ""):
+            # the body is not read, so the connection cannot be reused
+            self.close_connection = True
+        if not self.target.startswith("/"):
+            raise BadRequest(400, "request target must be a path")
+
+    def answer(self, head):
+        self.started = time.monotonic()
+        self.method, self.target, self.route = "-", "-", "unmatched"
+        try:
+            self.parse_head(head)
+        except BadRequest as error:
+            self.close_connection = True
+            self.respond_error(error.status, error.message)
+            return
+        path, _, raw_query = self.target.partition("?")
+        name = ROUTES.get(path)
+        if name is None and (path == "/files" or path.startswith("/files/")):
+            name = "files"
+        if name is None:
+            self.respond_error(404, "not found")
+            return
+        if name != "files":
+            self.route = path
+        elif path in ("/files", "/files/"):
+            self.route = "/files"
+        else:
+            self.route = "/files/{path}"
+        if self.method not in ("GET", "HEAD"):
+            self.respond_error(
+                405, "method not allowed", (("Allow", "GET, HEAD"),)
+            )
+            return
+        try:
+            getattr(self, "serve_" + name)(path, raw_query)
+        except HTTPError as error:
+            self.respond_error(error.status, error.message, error.headers)
+        except Exception:
+            LOG.exception("unexpected error answering %s", self.route)
+            self.close_connection = True
+            self.respond_error(500, "internal server error")
+
+    # --------------------------------------------------------- routes
+
+    def serve_healthz(self, path, raw_query):
+        self.respond(200, json_bytes({"status": "ok"}), cache="no-store")
+
+    def serve_readyz(self, path, raw_query):
+        reason = directory_problem(self.config.directory)
+        self.metrics.directory_ready = 0 if reason else 1
+        if reason:
+            body = json_bytes({"status": "not ready", "reason": reason})
+            self.respond(503, body, cache="no-store")
+        else:
+            body = json_bytes({"status": "ready"})
+            self.respond(200, body, cache="no-store")
+
+    def serve_metrics(self, path, raw_query):
+        self.respond(
+            200,
+            self.metrics.render(),
+            "text/plain; version=0.0.4; charset=utf-8",
+            cache="no-store",
+        )
+
+    def serve_openapi(self, path, raw_query):
+        self.respond(200, openapi_body(self.config), cache="no-cache")
+
+    def serve_files(self, path, raw_query):
+        started = self.started
+        if "\\" in path or "\0" in path:
+            raise HTTPError(404, "not found")
+        parts = parse_subpath(path)
+        query = parse_query(
+            raw_query, self.config.max_entries, self.header_map.get("accept")
+        )
+        root_fd = open_root(self.config.directory)
+        try:
+            fd = open_subdirectory(root_fd, parts)
+        finally:
+            os.close(root_fd)
+        try:
+            key = b"/".join(parts)
+            snapshot = self.server.listings.get(key, fd, started)
+        finally:
+            os.close(fd)
+        fingerprint = query.fingerprint(key)
+        view = build_view(snapshot, query)
+        start = 0
+        if query.cursor is not None:
+            cursor = decode_cursor(query.cursor, fingerprint)
+            start = page_start(snapshot, query, view, cursor)
+        cache_key = (
+            key,
+            snapshot.id,
+            query.view_key(),
+            query.format,
+            query.limit,
+            start,
+        )
+        page = self.server.bodies.get(cache_key)
+        if page is None:
+            page = render_page(
+                snapshot, query, parts, view, start, fingerprint
+            )
+            self.server.bodies.put(cache_key, page)
+        self.metrics.last_entries = len(snapshot.names)
+        self.send_page(page, query)
+
+    def send_page(self, page, query):
+        headers = [("ETag", page.etag), ("Vary", "Accept, Accept-Encoding")]
+        if page.next_link is not None:
+            headers.append(("Link", f'<{page.next_link}>; rel="next"'))
+        content_type = (
+            "text/plain; charset=utf-8"
+            if query.format == "text"
+            else "application/json"
+        )
+        if etag_matches(self.header_map.get("if-none-match"), page.etag):
+            self.respond(304, b"", content_type, headers, cache="no-cache")
+            return
+        body = page.body
+        if len(body) >= GZIP_MIN_BYTES and accepts_gzip(
+            self.header_map.get("accept-encoding")
+        ):
+            size_before = page.size
+            body = page.gzipped()
+            if page.size != size_before:
+                self.server.bodies.grew(page, page.size - size_before)
+            headers[0] = ("ETag", page.etag[:-1] + '-gzip"')
+            headers.append(("Content-Encoding", "gzip"))
+        self.respond(200, body, content_type, headers, cache="no-cache")
+
+    # ------------------------------------------------------- responses
+
+    def respond_error(self, status, message, headers=()):
+        if status == 503:
+            headers = (*headers, ("Retry-After", "1"))
+        self.respond(status, error_body(status, message), headers=headers)
+
+    def respond(
+        self,
+        status,
+        body,
+        content_type="application/json",
+        headers=(),
+        cache="no-store",
+    ):
+        """Send status, headers and body (no body for HEAD and 304)."""
+        phrase = HTTPStatus(status).phrase
+        lines = [
+            f"HTTP/1.1 {status} {phrase}",
+            "Server: list-files",
+            f"Date: {http_date()}",
+            f"Content-Type: {content_type}",
+            "X-Content-Type-Options: nosniff",
+            f"Cache-Control: {cache}",
+        ]
+        if status != 304:
+            lines.append(f"Content-Length: {len(body)}")
+        for name, value in headers:
+            lines.append(f"{name}: {value}")
+        if self.close_connection:
+            lines.append("Connection: close")
+        elif self.request_version_is_1_0():
+            lines.append("Connection: keep-alive")
+        lines.append("\r\n")
+        head = "\r\n".join(lines).encode("latin-1")
+        if self.method == "HEAD" or status == 304:
+            body = b""
+        sent = 0
+        try:
+            self.connection.settimeout(
+                self.config.timeout + len(body) / MIN_SEND_RATE
+            )
+            if len(body) < 65536:
+                self.connection.sendall(head + body)
+            else:
+                self.connection.sendall(head)
+                self.connection.sendall(body)
+            sent = len(body)
+        except OSError:
+            self.close_connection = True
+        duration = time.monotonic() - self.started
+        self.metrics.observe_request(
+            self.route, self.metric_method(), status, duration
+        )
+        if self.server.access_log is not None:
+            self.server.access_log.write(
+                time=rfc3339(time.time_ns()),
+                client=self.client_address[0],
+                method=self.method,
+                path=self.target,
+                status=status,
+                bytes=sent,
+                duration=round(duration, 6),
+            )
+
+    def request_version_is_1_0(self):
+        return getattr(self, "request_version", "") == "HTTP/1.0"
+
+    def metric_method(self):
+        if self.method in ("GET", "HEAD", "POST", "PUT", "DELETE"):
+            return self.method
+        return "other"
+
+
+def etag_matches(header, etag):
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    for candidate in header.split(","):
+        tag = candidate.strip().removeprefix("W/")
+        if tag.endswith('-gzip"'):
+            tag = tag[: -len('-gzip"')] + '"'
+        if tag == etag:
+            return True
+    return False
+
+
+def accepts_gzip(header):
+    if not header:
+        return False
+    for item in header.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "x-gzip", "*"):
+            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00")
+    return False
+
+
+def directory_problem(directory):
+    """None when the directory can be listed, else a short reason."""
+    try:
+        fd = os.open(directory, DIR_FLAGS)
+    except FileNotFoundError:
+        return "the directory does not exist"
+    except NotADirectoryError:
+        return "the configured path is not a directory"
+    except PermissionError:
+        return "the directory is not readable"
+    except OSError:
+        return "the directory cannot be opened"
+    try:
+        with os.scandir(fd) as entries:
+            next(entries, None)
+    except OSError:
+        return "the directory cannot be listed"
+    finally:
+        os.close(fd)
+    return None
+
+
+_OPENAPI = []
+
+
+def openapi_body(config):
+    if not _OPENAPI:
+        _OPENAPI.append(json_bytes(openapi_document(config.max_entries)))
+    return _OPENAPI[0]
+
+
+def openapi_document(max_entries):
+    """The OpenAPI 3.1 description of every endpoint."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "list-files", "version": __version__},
+        "paths": {},
+    }
+
+
+# ------------------------------------------------------------------ main
+
+
+def configure_logging(level):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    )
+    LOG.addHandler(handler)
+    LOG.setLevel(level)
+    LOG.propagate = False
+
+
+def main(argv=None) -> int:
+    try:
+        config = parse_config(argv, os.environ)
+    except ConfigError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+
+    try:
+        server = ListFilesServer(config)
+    except ConfigError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        LOG.error(
+            "cannot listen on %s port %d: %s",
+            escape_for_log(config.host),
+            config.port,
+            error.strerror or "error",
+        )
+        return 1
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    serving = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.05},
+        name="accept",
+        daemon=True,
+    )
+    serving.start()
+    host, port = server.server_address[:2]
+    LOG.info(
+        "listening on %s port %d, listing %s",
+        host,
+        port,
+        escape_for_log(config.directory),
+    )
+    problem = directory_problem(config.directory)
+    if problem:
+        LOG.warning("not ready: %s", problem)
+
+    while not stop.wait(1.0):
+        pass
+    LOG.info(
+        "stopping: finishing requests for up to %ss", config.shutdown_grace
+    )
+    server.stop(config.shutdown_grace)
+    LOG.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
