@@ -13,7 +13,7 @@ fresh process on fresh temporary directories:
   do mv "$f" "$DEST_DIR"/; done`, run with bash.
 
 Latency: files are written one at a time (write, close, wait for it to
-arrive, pause). The clock starts when close() returns and stops when an
+arrive, pause). The clock starts when close() is called and stops when an
 inotify watch on the destination reports the final name (IN_MOVED_TO or
 IN_CREATE), read by a thread of this process; both stamps come from the
 same monotonic clock. The naive loop moves on IN_CREATE, i.e. possibly
@@ -240,13 +240,19 @@ def percentile(values, fraction):
 
 
 def write_file(path, content):
-    """Create, write and close `path`; return the monotonic close time."""
+    """Create, write and close `path`; return the time close() was called.
+
+    Stamped just before the call, not after it returns: a mover woken by
+    the close can then never look faster than it is, whatever the
+    scheduler does to this thread between the two.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, content)
     finally:
+        closing = time.monotonic_ns()
         os.close(fd)
-    return time.monotonic_ns()
+    return closing
 
 
 def measure_latency(mover, count, pause, timeout):
