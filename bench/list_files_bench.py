@@ -18,9 +18,10 @@ The servers, each listing the same flat directory of N files:
 For a data set small enough to come back in one response (up to
 --max-entries, the project server's default maximum per response), each
 server is checked once (the response must hold every file, uncompressed)
-and then loaded with wrk (16 connections, --latency) for a warm-up and a
-timed run: requests/s, p50 and p99 latency, peak RSS (VmHWM summed over
-the server's process tree). Larger data sets are fetched whole instead:
+and then loaded with wrk (16 connections, --latency): a warm-up, then
+--rounds timed runs interleaved between the servers, the median kept:
+requests/s, p50 and p99 latency, peak RSS (VmHWM summed over the
+server's process tree). Larger data sets are fetched whole instead:
 the project server page after page, following `next`, against the
 "floor" (os.scandir, one stat per entry and json.dumps of the same
 fields, timed in this process), and nginx and the naive server in one
