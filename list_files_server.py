@@ -589,7 +589,8 @@ def parse_query(raw_query, max_entries, accept):
     values = {}
     for name, value in pairs:
         if name not in QUERY_KEYS:
-            raise HTTPError(400, f"unknown query parameter {name!r}")
+            shown = name if len(name) <= 40 else name[:40] + "..."
+            raise HTTPError(400, f"unknown query parameter {shown!r}")
         if name in values:
             raise HTTPError(400, f"query parameter {name!r} is repeated")
         values[name] = value
@@ -710,22 +711,26 @@ def sort_key(snapshot, query, index):
     return (name,)
 
 
-def encode_cursor(fingerprint, snapshot, position, key):
-    raw = json.dumps([1, fingerprint, snapshot.id, position, *key])
+def encode_cursor(fingerprint, position, key):
+    """Opaque text for 'after the entry with this sort key'.
+
+    The position is only a hint: it is used when the entry before it
+    still has the key, else the key is searched for.
+    """
+    raw = json.dumps([1, fingerprint, position, *key])
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
 def decode_cursor(text, fingerprint):
-    """Return (snapshot id, position, key) or raise HTTPError 400."""
+    """Return (position, key) or raise HTTPError 400."""
     try:
         padded = text + "=" * (-len(text) % 4)
         raw = base64.urlsafe_b64decode(padded.encode("ascii"))
         value = json.loads(raw)
-        version, made_for, snapshot_id, position, *key = value
+        version, made_for, position, *key = value
         valid = (
             version == 1
             and isinstance(made_for, int)
-            and isinstance(snapshot_id, int)
             and isinstance(position, int)
             and position >= 0
             and 1 <= len(key) <= 2
@@ -738,15 +743,14 @@ def decode_cursor(text, fingerprint):
         raise HTTPError(400, "cursor is not valid")
     if made_for != fingerprint:
         raise HTTPError(400, "cursor belongs to a different query")
-    return snapshot_id, position, tuple(key)
+    return position, tuple(key)
 
 
 def page_start(snapshot, query, view, cursor):
     """Where the page after the cursor's entry starts in view."""
-    snapshot_id, position, key = cursor
+    position, key = cursor
     if (
-        snapshot_id == snapshot.id
-        and 0 < position <= len(view)
+        0 < position <= len(view)
         and sort_key(snapshot, query, view[position - 1]) == key
     ):
         return position
@@ -895,7 +899,7 @@ def render_page(snapshot, query, parts, view, start, fingerprint):
     next_link = None
     if stop < len(view):
         key = sort_key(snapshot, query, view[stop - 1])
-        cursor = encode_cursor(fingerprint, snapshot, stop, key)
+        cursor = encode_cursor(fingerprint, stop, key)
         params = [("cursor", cursor)]
         for name in ("limit", "sort", "order", "pattern"):
             value = getattr(query, name)
@@ -1502,10 +1506,10 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
             buffer += chunk
         head = bytes(buffer[:end])
         del buffer[:end]
-        if len(head) > limit:
-            first_line = head.find(b"\n")
-            if first_line > self.max_request_line:
-                raise BadRequest(414, "request line too long")
+        first_line = head.find(b"\n")
+        if first_line > self.max_request_line:
+            raise BadRequest(414, "request line too long")
+        if len(head) - first_line > self.max_header_bytes:
             raise BadRequest(431, "request header fields too large")
         return head
 
@@ -1813,10 +1817,328 @@ def openapi_body(config):
 
 def openapi_document(max_entries):
     """The OpenAPI 3.1 description of every endpoint."""
+
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def json_content(name):
+        return {"application/json": {"schema": ref(name)}}
+
+    def error(description):
+        return {"description": description, "content": json_content("Error")}
+
+    def plain(description, schema=None):
+        return {
+            "description": description,
+            "content": {
+                "text/plain": {"schema": schema or {"type": "string"}}
+            },
+        }
+
+    listing_parameters = [
+        {
+            "name": "limit",
+            "in": "query",
+            "description": "Entries per page (default and maximum: the "
+            "server's MAX_ENTRIES).",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": max_entries,
+            },
+        },
+        {
+            "name": "cursor",
+            "in": "query",
+            "description": "Opaque position from a previous page's `next`.",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "sort",
+            "in": "query",
+            "description": "Sort key; ties are broken by name.",
+            "schema": {"enum": list(SORT_KEYS), "default": "name"},
+        },
+        {
+            "name": "order",
+            "in": "query",
+            "schema": {"enum": ["asc", "desc"], "default": "asc"},
+        },
+        {
+            "name": "type",
+            "in": "query",
+            "description": "Comma-separated entry types to keep.",
+            "schema": {
+                "type": "string",
+                "pattern": "^(file|dir|symlink|other)"
+                "(,(file|dir|symlink|other))*$",
+            },
+        },
+        {
+            "name": "pattern",
+            "in": "query",
+            "description": "Glob (*, ?, [...]) matched against the whole "
+            "name, case-sensitive; * also matches a leading dot.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        },
+        {
+            "name": "hidden",
+            "in": "query",
+            "description": "Whether names starting with a dot are listed.",
+            "schema": {"enum": ["true", "false", "1", "0"], "default": "true"},
+        },
+        {
+            "name": "format",
+            "in": "query",
+            "description": "json, or text (one name per line); without it, "
+            "Accept: text/plain selects text.",
+            "schema": {"enum": ["json", "text"]},
+        },
+    ]
+    listing_headers = {
+        "ETag": {"schema": {"type": "string"}},
+        "Link": {
+            "description": 'The next page, as <URL>; rel="next".',
+            "schema": {"type": "string"},
+        },
+        "Cache-Control": {"schema": {"const": "no-cache"}},
+    }
+    listing_responses = {
+        "200": {
+            "description": "The listing (one page of it).",
+            "headers": listing_headers,
+            "content": {
+                "application/json": {"schema": ref("Listing")},
+                "text/plain": {
+                    "schema": {
+                        "type": "string",
+                        "description": "One name per line; backslash, "
+                        "control characters and bytes that are not UTF-8 "
+                        "are escaped as \\\\, \\n, \\t, \\r, \\xNN.",
+                    }
+                },
+            },
+        },
+        "304": {"description": "Not modified (If-None-Match matched)."},
+        "400": error("A query parameter or the cursor is not valid."),
+        "404": error("No such directory inside the root (also any escape)."),
+        "503": error("The directory is not available."),
+        "default": error("Any other error."),
+    }
+    listing_operation = {
+        "parameters": listing_parameters,
+        "responses": listing_responses,
+    }
+    sub_operation = {
+        "parameters": [
+            {
+                "name": "path",
+                "in": "path",
+                "required": True,
+                "description": "Subdirectory, relative to the root; "
+                "symlinks are not followed.",
+                "schema": {"type": "string"},
+            },
+            *listing_parameters,
+        ],
+        "responses": {
+            **listing_responses,
+            "403": error("The subdirectory is not readable."),
+        },
+    }
+
+    def both(operation, summary):
+        get = {"summary": summary, **operation}
+        head = {"summary": summary + " (headers only)", **operation}
+        return {"get": get, "head": head}
+
+    probe = {"Cache-Control": {"schema": {"const": "no-store"}}}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "list-files", "version": __version__},
-        "paths": {},
+        "info": {
+            "title": "list-files",
+            "version": __version__,
+            "description": "Lists one directory. Methods other than GET "
+            "and HEAD are answered 405 with Allow: GET, HEAD and an "
+            "Error body; unknown paths 404; connections over the limit "
+            "503 with Retry-After.",
+        },
+        "paths": {
+            "/files": both(listing_operation, "List the root directory"),
+            "/files/{path}": both(sub_operation, "List a subdirectory"),
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "responses": {
+                        "200": {
+                            "description": "The process serves.",
+                            "headers": probe,
+                            "content": json_content("Health"),
+                        },
+                        "default": error("Any other error."),
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: the directory can be listed",
+                    "responses": {
+                        "200": {
+                            "description": "Ready.",
+                            "headers": probe,
+                            "content": json_content("Ready"),
+                        },
+                        "503": {
+                            "description": "Not ready, with the reason.",
+                            "headers": probe,
+                            "content": json_content("NotReady"),
+                        },
+                        "default": error("Any other error."),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus text exposition format 0.0.4",
+                    "responses": {
+                        "200": plain("Metrics."),
+                        "default": error("Any other error."),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"type": "object"}
+                                }
+                            },
+                        },
+                        "default": error("Any other error."),
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Entry": {
+                    "type": "object",
+                    "required": ["name", "type", "size", "mtime"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": {
+                            "type": "string",
+                            "description": "The name; bytes that are not "
+                            "UTF-8 are shown as U+FFFD.",
+                        },
+                        "name_b64": {
+                            "type": "string",
+                            "contentEncoding": "base64",
+                            "description": "Only for names that are not "
+                            "valid UTF-8: the exact bytes, base64.",
+                        },
+                        "type": {"enum": list(TYPE_NAMES)},
+                        "size": {
+                            "type": ["integer", "null"],
+                            "minimum": 0,
+                            "description": "lstat size in bytes; null "
+                            "when the entry cannot be stat'ed.",
+                        },
+                        "mtime": {
+                            "type": ["string", "null"],
+                            "format": "date-time",
+                            "pattern": "^\\d{4}-\\d\\d-\\d\\dT"
+                            "\\d\\d:\\d\\d:\\d\\d\\.\\d{6}Z$",
+                            "description": "RFC 3339 UTC, microseconds.",
+                        },
+                    },
+                },
+                "Listing": {
+                    "type": "object",
+                    "required": [
+                        "directory",
+                        "count",
+                        "total",
+                        "next",
+                        "files",
+                    ],
+                    "additionalProperties": False,
+                    "properties": {
+                        "directory": {
+                            "type": "string",
+                            "description": "Path relative to the root; "
+                            "/ for the root.",
+                        },
+                        "count": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "Entries in this response.",
+                        },
+                        "total": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "Entries the query selects, "
+                            "over all pages.",
+                        },
+                        "next": {
+                            "type": ["string", "null"],
+                            "description": "URL path and query of the "
+                            "next page; null on the last.",
+                        },
+                        "files": {
+                            "type": "array",
+                            "maxItems": max_entries,
+                            "items": ref("Entry"),
+                        },
+                    },
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["status", "message"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "status": {
+                                    "type": "integer",
+                                    "minimum": 400,
+                                    "maximum": 599,
+                                },
+                                "message": {"type": "string"},
+                            },
+                        }
+                    },
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status"],
+                    "additionalProperties": False,
+                    "properties": {"status": {"const": "ok"}},
+                },
+                "Ready": {
+                    "type": "object",
+                    "required": ["status"],
+                    "additionalProperties": False,
+                    "properties": {"status": {"const": "ready"}},
+                },
+                "NotReady": {
+                    "type": "object",
+                    "required": ["status", "reason"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "status": {"const": "not ready"},
+                        "reason": {"type": "string"},
+                    },
+                },
+            }
+        },
     }
 
 

@@ -4,6 +4,8 @@ Every test starts the real entry point as a subprocess on 127.0.0.1
 port 0, talks HTTP to it over a real socket and stops it with SIGTERM.
 """
 
+import base64
+import gzip
 import http.client
 import json
 import os
@@ -16,7 +18,7 @@ import threading
 import time
 
 import pytest
-from support import REPO_ROOT
+from support import REPO_ROOT, require
 
 SERVER = REPO_ROOT / "list_files_server.py"
 LISTENING = re.compile(r"listening on \S+ port (\d+)")
@@ -307,3 +309,649 @@ def test_access_log_is_one_json_line_per_request(server):
     assert isinstance(entry["duration"], float)
     assert "\x1b" not in server.stdout_lines[0]
     assert "\\u001b" in server.stdout_lines[0]
+
+
+# ------------------------------------------------------------ helpers 2
+
+
+def make_files(directory, count, name_length=0):
+    for number in range(count):
+        name = f"f{number:06d}".ljust(name_length, "x")
+        os.close(os.open(directory / name, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def collect_pages(server, path, headers=None):
+    """Follow `next` from path; return the documents of every page."""
+    documents = []
+    while path is not None:
+        documents.append(server.get_json(path, headers=headers))
+        path = documents[-1]["next"]
+    return documents
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def metric_value(text, name):
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+# ----------------------------------------------------------- listings
+
+
+def test_paging_over_10000_entries_loses_and_repeats_nothing(
+    start_server, tmp_path
+):
+    make_files(tmp_path, 10_050)
+    server = start_server(tmp_path, "--max-entries", "1000")
+    pages = collect_pages(server, "/files")
+    assert len(pages) == 11
+    assert [p["count"] for p in pages] == [1000] * 10 + [50]
+    assert {p["total"] for p in pages} == {10_050}
+    listed = [name for page in pages for name in names(page)]
+    assert listed == sorted(os.listdir(tmp_path))
+    assert pages[-1]["next"] is None
+
+
+def test_paging_stays_exact_while_the_directory_changes(
+    start_server, tmp_path
+):
+    make_files(tmp_path, 10_010)
+    server = start_server(tmp_path)
+    path = "/files?limit=997&sort=size&order=desc"
+    seen = []
+    extra = 0
+    while path is not None:
+        document = server.get_json(path)
+        seen += names(document)
+        path = document["next"]
+        (tmp_path / f"zz-new-{extra}").touch()
+        os.unlink(tmp_path / f"f{extra * 7:06d}")
+        extra += 1
+    assert len(seen) == len(set(seen))
+    steady = {f"f{n:06d}" for n in range(10_010)}
+    steady -= {f"f{n * 7:06d}" for n in range(extra)}
+    assert steady <= set(seen)
+
+
+def test_without_limit_a_large_directory_is_paged_not_truncated(
+    start_server, tmp_path
+):
+    make_files(tmp_path, 25)
+    server = start_server(tmp_path, "--max-entries", "10")
+    first = server.get_json("/files")
+    assert first["count"] == 10
+    assert first["total"] == 25
+    assert first["next"].startswith("/files?cursor=")
+    _, headers, _ = server.request("/files")
+    assert headers["Link"] == f'<{first["next"]}>; rel="next"'
+    assert len(collect_pages(server, "/files")) == 3
+
+
+def test_sort_order_type_pattern_and_hidden_filters(start_server, tmp_path):
+    for name, size in (("big.log", 300), ("mid.txt", 200), ("small.txt", 1)):
+        (tmp_path / name).write_bytes(b"x" * size)
+        os.utime(tmp_path / name, ns=(size * 10**9, size * 10**9))
+    (tmp_path / ".hidden.txt").write_bytes(b"xx")
+    os.utime(tmp_path / ".hidden.txt", ns=(2 * 10**9, 2 * 10**9))
+    (tmp_path / "adir").mkdir()
+    os.utime(tmp_path / "adir", ns=(250 * 10**9, 250 * 10**9))
+    server = start_server(tmp_path)
+    get = server.get_json
+    assert names(get("/files?sort=size&type=file")) == [
+        "small.txt",
+        ".hidden.txt",
+        "mid.txt",
+        "big.log",
+    ]
+    assert names(get("/files?sort=mtime&order=desc")) == [
+        "big.log",
+        "adir",
+        "mid.txt",
+        ".hidden.txt",
+        "small.txt",
+    ]
+    assert names(get("/files?order=desc&hidden=false")) == [
+        "small.txt",
+        "mid.txt",
+        "big.log",
+        "adir",
+    ]
+    assert names(get("/files?pattern=*.txt")) == [
+        ".hidden.txt",
+        "mid.txt",
+        "small.txt",
+    ]
+    assert names(get("/files?type=dir,symlink")) == ["adir"]
+    assert get("/files?pattern=%5Bbm%5D*&hidden=0")["total"] == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("limit=0", "limit must be an integer from 1 to 100000"),
+        ("limit=100001", "limit must be an integer from 1 to 100000"),
+        ("limit=ten", "limit must be an integer from 1 to 100000"),
+        ("sort=owner", "sort must be name, mtime or size"),
+        ("order=up", "order must be asc or desc"),
+        (
+            "type=file,pipe",
+            "type must be a comma-separated list of file, dir, symlink, other",
+        ),
+        ("hidden=maybe", "hidden must be true or false"),
+        ("format=xml", "format must be json or text"),
+        ("pattern=", "pattern must be 1 to 255 characters"),
+        ("colour=red", "unknown query parameter 'colour'"),
+        ("sort=name&sort=size", "query parameter 'sort' is repeated"),
+        ("cursor=%%%", "cursor is not valid"),
+        ("cursor=WzEsMiwzXQ", "cursor is not valid"),
+        ("cursor=WzEsIDIsIDMsICJhIl0", "cursor belongs to a different query"),
+    ],
+)
+def test_bad_query_values_get_400_with_the_reason(server, query, message):
+    assert server.get_json(f"/files?{query}", status=400) == {
+        "error": {"status": 400, "message": message}
+    }
+
+
+def test_a_cursor_only_works_for_the_query_it_came_from(
+    start_server, tmp_path
+):
+    make_files(tmp_path, 5)
+    server = start_server(tmp_path)
+    cursor = server.get_json("/files?limit=2")["next"].split("cursor=")[1]
+    cursor = cursor.split("&")[0]
+    assert server.get_json(
+        f"/files?cursor={cursor}&sort=size", status=400
+    ) == {
+        "error": {
+            "status": 400,
+            "message": "cursor belongs to a different query",
+        }
+    }
+    assert names(server.get_json(f"/files?cursor={cursor}&limit=2")) == [
+        "f000002",
+        "f000003",
+    ]
+
+
+def test_odd_names_are_listed_losslessly(start_server, tmp_path):
+    odd = [
+        b"with space",
+        b"new\nline",
+        b"tab\tand\\backslash",
+        b"caf\xc3\xa9",
+        b"bad\xffutf8\xfe",
+        b"\x1b[31mred",
+        b"L" * 255,
+    ]
+    for raw in odd:
+        os.close(os.open(os.path.join(os.fsencode(tmp_path), raw), os.O_CREAT))
+    server = start_server(tmp_path)
+    _, _, body = server.request("/files")
+    body.decode("utf-8")  # the JSON stays valid UTF-8
+    document = json.loads(body)
+    entries = document["files"]
+    recovered = [
+        base64.b64decode(e["name_b64"])
+        if "name_b64" in e
+        else e["name"].encode()
+        for e in entries
+    ]
+    assert sorted(recovered) == sorted(odd)
+    by_raw = dict(zip(recovered, entries, strict=True))
+    assert by_raw[b"bad\xffutf8\xfe"]["name"] == "bad\ufffdutf8\ufffd"
+    assert by_raw[b"caf\xc3\xa9"] == {
+        **by_raw[b"caf\xc3\xa9"],
+        "name": "café",
+    }
+    assert "name_b64" not in by_raw[b"caf\xc3\xa9"]
+    _, headers, text = server.request(
+        "/files", headers={"Accept": "text/plain"}
+    )
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    lines = text.decode("utf-8").split("\n")
+    assert lines[-1] == ""
+    assert sorted(lines[:-1]) == sorted(
+        [
+            "with space",
+            "new\\nline",
+            "tab\\tand\\\\backslash",
+            "café",
+            "bad\\xffutf8\\xfe",
+            "\\x1b[31mred",
+            "L" * 255,
+        ]
+    )
+
+
+def test_fifo_socket_and_broken_symlink_entries_never_block(
+    start_server, tmp_path
+):
+    os.mkfifo(tmp_path / "fifo")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "sock"))
+    (tmp_path / "broken").symlink_to(tmp_path / "missing")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    try:
+        server = start_server(tmp_path)
+        by_name = {e["name"]: e for e in server.get_json("/files")["files"]}
+        assert by_name["fifo"]["type"] == "other"
+        assert by_name["sock"]["type"] == "other"
+        assert by_name["broken"]["type"] == "symlink"
+        assert by_name["broken"]["size"] == len(str(tmp_path / "missing"))
+        assert by_name["loop"]["type"] == "symlink"
+        for path in ("/files/fifo", "/files/sock", "/files/broken"):
+            assert server.get_json(path, status=404)["error"]["status"] == 404
+    finally:
+        listener.close()
+
+
+def test_symlinks_out_of_and_inside_the_root_are_404(start_server, tmp_path):
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "SECRET").touch()
+    (root / "out").symlink_to(tmp_path / "outside")
+    (root / "up").symlink_to("..")
+    (root / "in").symlink_to("real")
+    (root / "real" / "deeper").symlink_to("/")
+    server = start_server(root)
+    for path in (
+        "/files/out",
+        "/files/up",
+        "/files/in",
+        "/files/real/deeper",
+        "/files/up/outside",
+        "/files/real/deeper/etc",
+    ):
+        assert server.get_json(path, status=404) == {
+            "error": {"status": 404, "message": "not found"}
+        }
+    listing = server.get_json("/files")
+    assert {e["name"]: e["type"] for e in listing["files"]} == {
+        "in": "symlink",
+        "out": "symlink",
+        "real": "dir",
+        "up": "symlink",
+    }
+
+
+def test_a_subdirectory_swapped_for_a_symlink_never_escapes(
+    start_server, tmp_path
+):
+    root = tmp_path / "root"
+    (root / "swap").mkdir(parents=True)
+    (root / "swap" / "inside").touch()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "SECRET").touch()
+    server = start_server(root)
+    stop = threading.Event()
+
+    def swapper():
+        held, link = root / "held", root / "link"
+        link.symlink_to(tmp_path / "outside")
+        while not stop.is_set():
+            os.rename(root / "swap", held)
+            os.rename(link, root / "swap")
+            os.rename(root / "swap", link)
+            os.rename(held, root / "swap")
+
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    statuses = set()
+    try:
+        for _ in range(300):
+            status, _, body = server.request("/files/swap")
+            statuses.add(status)
+            assert b"SECRET" not in body
+    finally:
+        stop.set()
+        thread.join()
+    assert statuses <= {200, 404}
+
+
+def test_a_change_right_after_a_listing_shows_in_the_next(
+    start_server, tmp_path
+):
+    server = start_server(tmp_path)
+    connection = server.connect()
+    seen = []
+
+    def listing():
+        connection.request("GET", "/files")
+        return names(json.loads(connection.getresponse().read()))
+
+    for number in range(40):
+        seen.append(listing())
+        (tmp_path / f"n{number:03d}").touch()
+        assert f"n{number:03d}" in listing()
+        os.rename(tmp_path / f"n{number:03d}", tmp_path / f"r{number:03d}")
+        after = listing()
+        assert f"r{number:03d}" in after
+        assert f"n{number:03d}" not in after
+        os.unlink(tmp_path / f"r{number:03d}")
+        assert listing() == []
+    connection.close()
+
+
+def test_size_and_mtime_follow_the_stat_ttl(start_server, tmp_path):
+    target = tmp_path / "growing"
+    target.write_bytes(b"1")
+    server = start_server(tmp_path, "--stat-ttl", "0")
+    assert server.get_json("/files")["files"][0]["size"] == 1
+    target.write_bytes(b"12345")
+    assert server.get_json("/files")["files"][0]["size"] == 5
+
+
+# -------------------------------------------------------- HTTP features
+
+
+def test_etag_304_and_gzip(start_server, tmp_path):
+    make_files(tmp_path, 200)
+    server = start_server(tmp_path)
+    status, headers, body = server.request("/files")
+    etag = headers["ETag"]
+    assert headers["Cache-Control"] == "no-cache"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Server"] == "list-files"
+    assert headers["Vary"] == "Accept, Accept-Encoding"
+    status, headers, empty = server.request(
+        "/files", headers={"If-None-Match": etag}
+    )
+    assert (status, empty, headers["ETag"]) == (304, b"", etag)
+    status, headers, packed = server.request(
+        "/files", headers={"Accept-Encoding": "gzip"}
+    )
+    assert status == 200
+    assert headers["Content-Encoding"] == "gzip"
+    assert headers["ETag"] == etag[:-1] + '-gzip"'
+    assert gzip.decompress(packed) == body
+    assert int(headers["Content-Length"]) == len(packed) < len(body)
+    status, _, _ = server.request(
+        "/files",
+        headers={"If-None-Match": headers["ETag"], "Accept-Encoding": "gzip"},
+    )
+    assert status == 304
+    (tmp_path / "new").touch()
+    status, headers, _ = server.request(
+        "/files", headers={"If-None-Match": etag}
+    )
+    assert status == 200
+    assert headers["ETag"] != etag
+    _, headers, _ = server.request(
+        "/healthz", headers={"Accept-Encoding": "gzip"}
+    )
+    assert "Content-Encoding" not in headers
+    assert headers["Cache-Control"] == "no-store"
+
+
+def test_head_sends_the_headers_of_get_without_a_body(server):
+    _, get_headers, body = server.request("/files")
+    status, head_headers, empty = server.request("/files", method="HEAD")
+    assert (status, empty) == (200, b"")
+    assert head_headers["Content-Length"] == str(len(body))
+    assert head_headers["ETag"] == get_headers["ETag"]
+
+
+def test_text_format_by_accept_or_query(server):
+    for headers, path in (
+        ({"Accept": "text/plain"}, "/files"),
+        ({}, "/files?format=text"),
+        ({"Accept": "application/json;q=0.5, text/plain"}, "/files"),
+    ):
+        status, response_headers, body = server.request(path, headers=headers)
+        assert status == 200
+        assert response_headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert body == b"a.txt\nb.txt\nsub\n"
+    _, response_headers, _ = server.request(
+        "/files", headers={"Accept": "text/plain;q=0.1, */*"}
+    )
+    assert response_headers["Content-Type"] == "application/json"
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server):
+    connection = server.connect()
+    for _ in range(5):
+        connection.request("GET", "/files")
+        response = connection.getresponse()
+        assert response.status == 200
+        assert len(response.read()) == int(
+            response.getheader("Content-Length")
+        )
+    connection.close()
+
+
+def test_oversized_request_line_is_414_and_headers_431(server):
+    reply = raw_exchange(
+        server, b"GET /files?" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"
+    )
+    assert reply.startswith(b"HTTP/1.1 414 ")
+    assert b"Connection: close\r\n" in reply
+    assert reply.endswith(
+        b'{"error":{"status":414,"message":"request line too long"}}\n'
+    )
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(200))
+    reply = raw_exchange(
+        server, b"GET /files HTTP/1.1\r\n" + headers + b"\r\n"
+    )
+    assert reply.startswith(b"HTTP/1.1 431 Request Header Fields Too Large")
+    assert reply.endswith(
+        b'{"error":{"status":431,"message":"request header fields too large"}}'
+        b"\n"
+    )
+
+
+def test_malformed_requests_get_400(server):
+    for request in (
+        b"GARBAGE\r\n\r\n",
+        b"GET /files HTTP/9.9\r\n\r\n",
+        b"GET http://example.com/files HTTP/1.1\r\n\r\n",
+        b"GET /files HTTP/1.1\r\nno colon here\r\n\r\n",
+    ):
+        reply = raw_exchange(server, request)
+        assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), request
+
+
+# ---------------------------------------------------------- resilience
+
+
+def test_a_slow_client_is_cut_off_and_does_not_pin_the_server(
+    start_server, files
+):
+    server = start_server(files, "--timeout", "1")
+    slow = socket.create_connection(("127.0.0.1", server.port))
+    slow.sendall(b"GET /files HTT")
+    idle = socket.create_connection(("127.0.0.1", server.port))
+    assert server.get_json("/healthz") == {"status": "ok"}
+    slow.settimeout(10)
+    reply = b""
+    while chunk := slow.recv(4096):
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    idle.settimeout(10)
+    assert idle.recv(4096) == b""
+    slow.close()
+    idle.close()
+
+
+def test_a_trickling_client_is_cut_off_by_the_request_deadline(
+    start_server, files
+):
+    server = start_server(files, "--timeout", "1")
+    trickle = socket.create_connection(("127.0.0.1", server.port))
+    trickle.settimeout(10)
+    cut_off = False
+    for byte in b"GET /files HTTP/1.1\r\nX-Padding: " + b"p" * 60:
+        try:
+            trickle.sendall(bytes([byte]))
+        except OSError:
+            cut_off = True
+            break
+        time.sleep(0.05)
+    reply = trickle.recv(4096)
+    assert cut_off or reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    trickle.close()
+
+
+def test_connections_over_the_cap_get_503_and_are_counted(start_server, files):
+    server = start_server(files, "--max-connections", "2")
+    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in "ab"]
+    for sock in held:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.settimeout(10)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n")
+    status, headers, body = server.request("/files")
+    assert status == 503
+    assert headers["Retry-After"] == "1"
+    assert headers["Connection"] == "close"
+    assert json.loads(body) == {
+        "error": {
+            "status": 503,
+            "message": "too many connections, retry later",
+        }
+    }
+    for sock in held:
+        sock.close()
+    assert wait_until(lambda: server.request("/healthz")[0] == 200)
+    _, _, metrics = server.request("/metrics")
+    assert (
+        metric_value(
+            metrics.decode(), "list_files_http_connections_refused_total"
+        )
+        >= 1
+    )
+    assert "connection refused" in server.stderr()
+
+
+def test_sigterm_finishes_an_in_flight_response(start_server, tmp_path):
+    make_files(tmp_path, 30_000, name_length=120)
+    server = start_server(tmp_path)
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.connect(("127.0.0.1", server.port))
+    reader.sendall(b"GET /files HTTP/1.1\r\nHost: t\r\n\r\n")
+
+    def in_flight():
+        _, _, text = server.request("/metrics")
+        value = metric_value(
+            text.decode(), "list_files_http_requests_in_flight"
+        )
+        return value >= 2
+
+    assert wait_until(in_flight)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    reader.settimeout(30)
+    data = b""
+    while chunk := reader.recv(1 << 20):
+        data += chunk
+    reader.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head or b"HTTP/1.1 200 OK" in head
+    assert len(json.loads(body)["files"]) == 30_000
+    assert server.process.wait(10) == 0
+
+
+def test_shutdown_gives_up_on_a_stuck_client_after_the_grace(
+    start_server, tmp_path
+):
+    make_files(tmp_path, 30_000, name_length=120)
+    server = start_server(tmp_path, "--shutdown-grace", "0.5")
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", server.port))
+    stuck.sendall(b"GET /files HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert wait_until(
+        lambda: (
+            metric_value(
+                server.request("/metrics")[2].decode(),
+                "list_files_http_requests_in_flight",
+            )
+            >= 2
+        )
+    )
+    assert server.stop(signal.SIGTERM) == 0
+    assert "stopped with 1 requests unfinished" in server.stderr()
+    stuck.close()
+
+
+def test_bind_failure_exits_1(start_server, files):
+    server = start_server(files)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SERVER),
+            "--dir",
+            str(files),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(server.port),
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.endswith(
+        f"ERROR cannot listen on 127.0.0.1 port {server.port}: "
+        "Address already in use\n"
+    )
+
+
+# ----------------------------------------------------- metrics, openapi
+
+
+def test_metrics_pass_promtool_and_carry_the_monitoring_signals(server):
+    server.request("/files")
+    server.request("/files/nope")
+    status, headers, body = server.request("/metrics")
+    assert status == 200
+    assert (
+        headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    )
+    text = body.decode()
+    promtool = require("promtool")
+    check = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    for needle in (
+        'list_files_http_requests_total{route="/files",method="GET",'
+        'status="200"} 1',
+        'list_files_http_requests_total{route="/files/{path}",method="GET",'
+        'status="404"} 1',
+        'list_files_http_request_duration_seconds_bucket{route="/files",'
+        'le="+Inf"} 1',
+        "list_files_http_requests_in_flight 1",
+        "list_files_http_connections_refused_total 0",
+        "list_files_scan_duration_seconds_count 1",
+        "list_files_last_listing_entries 3",
+        "list_files_build_info{version=",
+    ):
+        assert needle in text
+    for name in (
+        "process_start_time_seconds",
+        "process_open_fds",
+        "process_threads",
+        "process_resident_memory_bytes",
+    ):
+        assert metric_value(text, name) > 0
+    started = metric_value(text, "process_start_time_seconds")
+    assert abs(started - time.time()) < 600
