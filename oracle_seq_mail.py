@@ -362,7 +362,7 @@ class Settings:
         credentials = self.get("CREDENTIALS_DIRECTORY")
         if path is None and credentials:
             candidate = Path(credentials, name)
-            if candidate.exists():
+            if not is_missing(candidate):
                 return self.secret_file(candidate, f"credential {name}")
         if path is not None:
             return self.secret_file(Path(path), file_variable)
@@ -395,6 +395,17 @@ class Settings:
             raise ConfigError(f"{source}: the file is empty")
         self.redactor.add(value)
         return Secret(value, source)
+
+
+def is_missing(path):
+    """True only if `path` does not exist (unreadable is not missing)."""
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def parse_dsn(dsn):
@@ -1307,6 +1318,11 @@ def main(argv=None):
         if not (arguments.check or arguments.dry_run):
             record_config_failure(started, exit_code)
         return exit_code
+    except Exception as error:
+        event("traceback", logging.DEBUG, phase="config", exc_info=True)
+        return report_failure(
+            RunError(f"internal error: {type(error).__name__} (use -v)")
+        )
     finally:
         forget_secret_variables(os.environ)
 

@@ -2,15 +2,19 @@
 
 The Oracle server cannot run here, so where a query must succeed the
 object that `oracledb.connect` returns is replaced (FakeOracle, below)
-by a wrapper that patches `oracledb.connect` and then runs the script
-as __main__. Everything else is real: the oracledb driver against real
-sockets that refuse, hang or talk nonsense, and an aiosmtpd server with
-STARTTLS, SMTPS and AUTH using certificates made by trustme per test.
+by a small program, built from this module's FakeOracle source, that
+patches `oracledb.connect` and then runs the script as __main__.
+Everything else is real: the oracledb driver against real sockets that
+refuse, hang or talk nonsense; an aiosmtpd server with STARTTLS, SMTPS
+and AUTH using certificates made by trustme; and, in a Docker container
+whose PID 1 is systemd, the shipped units with their sandbox.
 """
 
 import base64
 import email
 import email.policy
+import hashlib
+import inspect
 import json
 import os
 import re
@@ -28,7 +32,13 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from support import REPO_ROOT, require, unit_exposure
+from support import (
+    REPO_ROOT,
+    ensure_base_image,
+    require,
+    require_docker,
+    unit_exposure,
+)
 
 SCRIPT = REPO_ROOT / "oracle_seq_mail.py"
 SERVICE = REPO_ROOT / "oracle_seq_mail.service"
@@ -47,17 +57,6 @@ SEQUENCE_SQL = (
     " AND sequence_name = :name"
 )
 
-# Runs the real script as __main__ after swapping the driver's connect.
-FAKE_WRAPPER = f"""
-import runpy, sys
-sys.path.insert(0, {str(TESTS_DIR)!r})
-import test_oracle_seq_mail
-test_oracle_seq_mail.FakeOracle.install()
-sys.argv[0] = {str(SCRIPT)!r}
-runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
-"""
-
-
 # ------------------------------------------------------------ fake Oracle
 
 
@@ -73,11 +72,6 @@ class FakeOracle:
         self.settings = settings
         self.log_path = Path(settings["log"])
         self.attempts = 0
-
-    @classmethod
-    def install(cls):
-        fake = cls(json.loads(os.environ["FAKE_ORACLE"]))
-        oracledb.connect = fake.connect
 
     def record(self, call, **details):
         with self.log_path.open("a", encoding="utf-8") as stream:
@@ -194,11 +188,11 @@ class Authenticator:
 class PortZeroController(Controller):
     """aiosmtpd's Controller, listening on a socket bound to port 0."""
 
-    def __init__(self, handler, **kwargs):
+    def __init__(self, handler, address="127.0.0.1", **kwargs):
         self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((address, 0))
         port = self.listener.getsockname()[1]
-        super().__init__(handler, hostname="127.0.0.1", port=port, **kwargs)
+        super().__init__(handler, hostname=address, port=port, **kwargs)
 
     def _create_server(self):
         return self.loop.create_server(
@@ -357,14 +351,27 @@ def fake_db(tmp_path):
     return settings
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fake_program(tmp_path_factory):
+    """Write the FakeOracle program once; `run` uses it for fake runs."""
+    path = tmp_path_factory.mktemp("fake") / "fake_oracle_run.py"
+    path.write_text(fake_oracle_program(SCRIPT))
+    FAKE_PROGRAM.append(path)
+    yield path
+    FAKE_PROGRAM.remove(path)
+
+
+FAKE_PROGRAM = []
+
+
 def run(env, *args, fake=None, timeout=60):
-    """Run the tool; with `fake`, through the FakeOracle wrapper."""
+    """Run the tool; with `fake` (FAKE_ORACLE settings) under FakeOracle."""
     environment = dict(env)
     if fake is None:
         argv = [sys.executable, str(SCRIPT), *args]
     else:
         environment["FAKE_ORACLE"] = fake
-        argv = [sys.executable, "-c", FAKE_WRAPPER, *args]
+        argv = [sys.executable, str(FAKE_PROGRAM[0]), *args]
     return subprocess.run(
         argv,
         env=environment,
@@ -649,6 +656,20 @@ def test_secrets_come_from_the_systemd_credentials_directory(
     connect = calls(fake_db.log)[0]
     assert connect["password"] == from_credentials
     assert from_credentials not in result.stdout + result.stderr
+
+
+def test_unreadable_credential_is_a_configuration_error(env, tmp_path):
+    credentials = tmp_path / "credentials"
+    (credentials / "DB_PASSWORD").mkdir(parents=True)
+    del env["DB_PASSWORD_FILE"]
+    env["CREDENTIALS_DIRECTORY"] = str(credentials)
+
+    result = run(env, "--check")
+
+    assert result.returncode == 2
+    assert error_event(result.stderr)["error"] == (
+        "credential DB_PASSWORD: cannot read the file (Is a directory)"
+    )
 
 
 # ------------------------------------------------- database, real driver
@@ -1248,6 +1269,7 @@ def test_no_failure_path_leaks_a_secret(
     env, fake_db, smtp_server, server_context, ca_file, listener, tmp_path
 ):
     """Every way this can fail, with -v, through the secrets in env too."""
+    env["DB_TIMEOUT"] = "1"
     direct = {**env, "DB_PASSWORD": DB_SECRET, "EMAIL_PASSWORD": MAIL_SECRET}
     del direct["DB_PASSWORD_FILE"], direct["EMAIL_PASSWORD_FILE"]
     good = starttls_server(smtp_server, server_context)
@@ -1287,15 +1309,15 @@ def test_no_failure_path_leaks_a_secret(
         ("plain", with_mail_server({}, plain, ca_file), fake_db(), 4),
         ("sent", with_mail_server({}, good, ca_file), fake_db(), 0),
     ]
+    # -v prints everything the quiet run does, plus tracebacks.
     for name, changes, fake, expected in cases:
-        for base in (env, direct):
-            for verbose in ((), ("-v",)):
-                result = run({**base, **changes}, *verbose, fake=fake)
-                assert result.returncode == expected, (name, result.stderr)
-                assert_no_secret(result.stdout, result.stderr)
+        for base, verbose in ((env, ()), (direct, ("-v",))):
+            result = run({**base, **changes}, *verbose, fake=fake)
+            assert result.returncode == expected, (name, result.stderr)
+            assert_no_secret(result.stdout, result.stderr)
     for envelope in good.recorder.messages:
         assert_no_secret(envelope.original_content.decode("utf-8"))
-    assert len(good.recorder.messages) == 4
+    assert len(good.recorder.messages) == 2
 
 
 def test_verbose_traceback_of_a_driver_error_is_scrubbed(env, fake_db):
@@ -1349,3 +1371,320 @@ def test_service_takes_secrets_as_credentials_not_environment():
     )
     assert "PASSWORD=" not in text.replace("LoadCredential=", "")
     assert "Type=oneshot" in text
+
+
+# --------------------------------------------------- under a real systemd
+
+SYSTEMD_PACKAGES = ("systemd", "systemd-sysv", "python3-cryptography")
+SYSTEMD_IMAGE = (
+    "oracle-seq-mail-systemd:"
+    + (hashlib.sha256(" ".join(SYSTEMD_PACKAGES).encode()).hexdigest()[:12])
+)
+SYSTEMD_LABEL = "oracle-seq-mail-systemd-test"
+SITE_PACKAGES = "/usr/local/lib/python3.11/dist-packages"
+TEXTFILES = "/var/lib/prometheus/node-exporter"
+BOOT_DEADLINE = 120
+
+
+class SystemdBox:
+    """A container whose PID 1 is systemd; removed by the fixture."""
+
+    def __init__(self, docker, image):
+        self.docker = docker
+        self.image = image
+        self.name = f"{SYSTEMD_LABEL}-{os.getpid()}-{time.monotonic_ns()}"
+
+    def docker_run(self, *args, check=True, stdin=None):
+        result = subprocess.run(
+            [self.docker, *args],
+            input=stdin,
+            capture_output=True,
+            timeout=180,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"docker {args[0]} exited {result.returncode}: "
+                f"{result.stderr.decode(errors='replace')}"
+            )
+        return result
+
+    def boot(self):
+        self.docker_run(
+            "run",
+            "--detach",
+            "--name",
+            self.name,
+            "--label",
+            SYSTEMD_LABEL,
+            "--cap-add",
+            "SYS_ADMIN",
+            "--cgroupns=host",
+            "--volume",
+            "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/run/lock",
+            "--stop-signal",
+            "SIGRTMIN+3",
+            self.image,
+            "/sbin/init",
+        )
+        give_up = time.monotonic() + BOOT_DEADLINE
+        state = ""
+        while time.monotonic() < give_up:
+            state = self.sh("systemctl is-system-running", check=False)
+            if state in {"running", "degraded"}:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"systemd did not boot: {state}")
+
+    def sh(self, script, check=True, stdin=None):
+        """Run a bash script in the container; its stdout, stripped."""
+        argv = ["exec"] + (["--interactive"] if stdin is not None else [])
+        result = self.docker_run(
+            *argv, self.name, "bash", "-c", script, check=check, stdin=stdin
+        )
+        return result.stdout.decode(errors="replace").strip()
+
+    def write(self, path, content, mode="0644"):
+        data = content.encode() if isinstance(content, str) else content
+        self.sh(f"install -D -m {mode} /dev/stdin {path}", stdin=data)
+
+    def copy_in(self, host_path, container_path):
+        self.docker_run("cp", str(host_path), f"{self.name}:{container_path}")
+
+    def remove(self):
+        self.docker_run("rm", "--force", "--volumes", self.name, check=False)
+
+
+@pytest.fixture
+def systemd_box():
+    docker = require_docker()
+    image = ensure_base_image(SYSTEMD_IMAGE, *SYSTEMD_PACKAGES)
+    box = SystemdBox(docker, image)
+    try:
+        box.boot()
+        yield box
+    finally:
+        box.remove()
+
+
+def host_address(box):
+    """The host as the container sees it: its default gateway."""
+    result = box.docker_run(
+        "inspect", "--format", "{{.NetworkSettings.Gateway}}", box.name
+    )
+    address = result.stdout.decode().strip()
+    assert address, "the container has no gateway"
+    return address
+
+
+FAKE_SETTINGS_FROM_ENV = 'json.loads(os.environ["FAKE_ORACLE"])'
+
+
+def fake_oracle_program(script, settings=FAKE_SETTINGS_FROM_ENV):
+    """A stand-alone program: FakeOracle in place, then `script` as main.
+
+    Built from this module's source so that a run does not import the
+    test module (pytest, trustme, aiosmtpd): only what the tool needs.
+    `settings` is a Python expression for FakeOracle's settings.
+    """
+    sources = "\n\n".join(
+        inspect.getsource(item)
+        for item in (FakeOracle, FakeConnection, FakeCursor, calls)
+    )
+    return (
+        "#!/usr/bin/python3\n"
+        "import json, os, runpy\n"
+        "from pathlib import Path\n"
+        "import oracledb\n\n"
+        f"{sources}\n\n"
+        f"oracledb.connect = FakeOracle({settings}).connect\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
+
+
+def install_as_documented(box, ca_file, smtp_host, smtp_port):
+    """docs/oracle_seq_mail.md's steps, with the venv's oracledb."""
+    package = Path(oracledb.__file__).parent
+    box.copy_in(package, f"{SITE_PACKAGES}/oracledb")
+    box.copy_in(
+        Path(sys.modules["typing_extensions"].__file__),
+        f"{SITE_PACKAGES}/typing_extensions.py",
+    )
+    script = SCRIPT.read_text().split("\n", 1)[1]
+    box.write(
+        "/usr/local/bin/oracle_seq_mail.py",
+        "#!/usr/bin/python3\n" + script,
+        mode="0755",
+    )
+    box.sh("install -d -m 700 /etc/oracle_seq_mail")
+    box.write("/etc/oracle_seq_mail/db_password", DB_SECRET, mode="0600")
+    box.write("/etc/oracle_seq_mail/email_password", MAIL_SECRET, mode="0600")
+    box.write("/etc/ssl/oracle_seq_mail-ca.pem", Path(ca_file).read_text())
+    box.write(
+        "/etc/oracle_seq_mail/oracle_seq_mail.env",
+        "\n".join(
+            [
+                "DB_USER=scott",
+                "DB_CONN_STRING=127.0.0.1:1/ORCLPDB1",
+                "SEQUENCE_OWNER=APP",
+                "SEQUENCE_NAME=ORDER_SEQ",
+                "DB_TIMEOUT=3",
+                f"SMTP_HOST={smtp_host}",
+                f"SMTP_PORT={smtp_port}",
+                "SMTP_CA_FILE=/etc/ssl/oracle_seq_mail-ca.pem",
+                "SMTP_TIMEOUT=20",
+                "EMAIL_USER=ops@example.com",
+                "EMAIL_TO=dba@example.com",
+                f"METRICS_TEXTFILE_DIR={TEXTFILES}",
+                "",
+            ]
+        ),
+        mode="0600",
+    )
+    box.sh(
+        f"groupadd --system prometheus && install -d -m 2775 -g prometheus "
+        f"{TEXTFILES}"
+    )
+    box.write(
+        "/etc/systemd/system/oracle_seq_mail.service.d/metrics.conf",
+        "[Service]\nSupplementaryGroups=prometheus\n",
+    )
+    if not credentials_reach_the_service(box):
+        pass_secrets_as_files(box)
+    box.copy_in(SERVICE, "/etc/systemd/system/oracle_seq_mail.service")
+    box.copy_in(TIMER, "/etc/systemd/system/oracle_seq_mail.timer")
+    box.sh("systemctl daemon-reload")
+
+
+def credentials_reach_the_service(box):
+    """Whether this container's systemd can hand credentials to a user.
+
+    It needs to mount a private file system for them; where it cannot
+    (unprivileged Docker here) the directory stays root-only.
+    """
+    probe = box.sh(
+        "systemd-run --quiet --wait --pipe -p DynamicUser=yes "
+        "-p LoadCredential=probe:/etc/hostname "
+        """/bin/sh -c 'cat "$CREDENTIALS_DIRECTORY/probe"' """
+        "&& echo readable",
+        check=False,
+    )
+    return probe.endswith("readable")
+
+
+def pass_secrets_as_files(box):
+    """Fallback drop-in: the same secrets through DB_PASSWORD_FILE etc."""
+    box.sh("install -d -m 755 /etc/oracle_seq_mail-test")
+    box.write("/etc/oracle_seq_mail-test/db_password", DB_SECRET)
+    box.write("/etc/oracle_seq_mail-test/email_password", MAIL_SECRET)
+    box.write(
+        "/etc/systemd/system/oracle_seq_mail.service.d/no-credentials.conf",
+        "[Service]\nLoadCredential=\n"
+        "Environment=DB_PASSWORD_FILE=/etc/oracle_seq_mail-test/db_password\n"
+        "Environment=EMAIL_PASSWORD_FILE="
+        "/etc/oracle_seq_mail-test/email_password\n",
+    )
+
+
+def unit_run(box):
+    """Start the oneshot unit, wait for it; (exit status, its journal).
+
+    The journal is read from a cursor taken before the start, until the
+    run's result line is in: journald may lag behind the unit's end.
+    """
+    cursor = box.sh(
+        "journalctl --show-cursor -n 0 -q | sed 's/^-- cursor: //'"
+    )
+    box.sh("systemctl start oracle_seq_mail.service", check=False)
+    status = box.sh(
+        "systemctl show -p ExecMainStatus --value oracle_seq_mail.service"
+    )
+    query = (
+        "journalctl --no-pager -o cat -u oracle_seq_mail.service "
+        f"--after-cursor='{cursor}'"
+    )
+    give_up = time.monotonic() + 30
+    journal = box.sh(query)
+    while not re.search(r"event=(sent|error) ", journal):
+        assert time.monotonic() < give_up, f"no result line in {journal}"
+        time.sleep(0.3)
+        journal = box.sh(query)
+    return int(status), journal
+
+
+@pytest.mark.docker
+@pytest.mark.systemd
+def test_hardened_unit_reads_credentials_and_mails_under_systemd(
+    systemd_box, ca, tmp_path
+):
+    box = systemd_box
+    gateway = host_address(box)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(gateway).configure_cert(context)
+    handler = RecordingHandler()
+    authenticator = Authenticator("ops@example.com", MAIL_SECRET)
+    server = PortZeroController(
+        handler,
+        address=gateway,
+        authenticator=authenticator,
+        tls_context=context,
+        require_starttls=True,
+        auth_require_tls=True,
+    )
+    server.start()
+    try:
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        install_as_documented(box, ca_file, gateway, server.port)
+
+        status, journal = unit_run(box)
+        assert status == 3, journal
+        assert "event=error phase=db exit_code=3" in journal
+        assert "Connection refused" in journal
+        metrics_text = box.sh(f"cat {TEXTFILES}/oracle_seq_mail.prom")
+        assert "oracle_seq_mail_last_exit_code 3.0" in metrics_text
+
+        box.write(
+            "/usr/local/bin/oracle_seq_mail_fake.py",
+            fake_oracle_program(
+                "/usr/local/bin/oracle_seq_mail.py",
+                repr(
+                    {"log": "/tmp/calls.jsonl", "row": ["APP", "4321", 0, 1]}
+                ),
+            ),
+            mode="0755",
+        )
+        box.write(
+            "/etc/systemd/system/oracle_seq_mail.service.d/fake.conf",
+            "[Service]\nExecStart=\n"
+            "ExecStart=/usr/local/bin/oracle_seq_mail_fake.py\n",
+        )
+        box.sh("systemctl daemon-reload")
+        status, journal = unit_run(box)
+        assert status == 0, journal
+        assert "event=sent" in journal and "value=4321" in journal
+        metrics_text = box.sh(f"cat {TEXTFILES}/oracle_seq_mail.prom")
+        assert "oracle_seq_mail_last_exit_code 0.0" in metrics_text
+        assert "oracle_seq_mail_last_success_timestamp_seconds" in (
+            metrics_text
+        )
+        [envelope] = handler.messages
+        assert b"4321" in envelope.original_content
+        assert [login for _, login, _ in authenticator.attempts] == [
+            b"ops@example.com"
+        ]
+
+        box.sh("systemctl enable --now oracle_seq_mail.timer")
+        assert box.sh(
+            "systemctl show -p NextElapseUSecRealtime --value "
+            "oracle_seq_mail.timer"
+        )
+        everything = box.sh("journalctl --no-pager -o cat")
+        everything += box.sh("systemctl show oracle_seq_mail.service")
+        assert_no_secret(everything)
+    finally:
+        server.stop()
