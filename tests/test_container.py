@@ -142,9 +142,10 @@ def published_address(text):
 class Container:
     """A running container, addressed by its unique name."""
 
-    def __init__(self, docker, name):
+    def __init__(self, docker, name, port=5000):
         self.docker = docker
         self.name = name
+        self.port = port
 
     def inspect(self, template):
         result = succeed(
@@ -158,7 +159,7 @@ class Container:
 
     @property
     def address(self):
-        result = succeed([self.docker, "port", self.name, "5000/tcp"])
+        result = succeed([self.docker, "port", self.name, f"{self.port}"])
         return published_address(result.stdout)
 
     def python(self, code):
@@ -199,14 +200,14 @@ class Container:
 
 
 @contextmanager
-def running(docker, image, *flags, cwd=None):
+def running(docker, image, *flags, cwd=None, port=5000):
     """`docker run -d` the image with `flags`; remove it afterwards."""
     name = unique_name()
     argv = [docker, "run", "-d", "--name", name]
-    argv += ["--publish", "127.0.0.1::5000", *flags, image]
+    argv += ["--publish", f"127.0.0.1::{port}", *flags, image]
     try:
         succeed(argv, cwd=cwd)
-        yield Container(docker, name)
+        yield Container(docker, name, port)
     finally:
         run([docker, "rm", "--force", "--volumes", name])
 
@@ -352,6 +353,20 @@ def test_health_becomes_healthy_with_the_directory_mounted(
 
     assert "unhealthy" not in seen
     assert log[-1]["ExitCode"] == 0
+
+
+def test_health_check_follows_the_port_set_at_run_time(
+    docker, image, files_dir
+):
+    mount = f"{files_dir}:/data/files:ro"
+    flags = (*FAST_HEALTH, "-e", "PORT=6000", "-v", mount)
+    with running(docker, image, *flags, port=6000) as container:
+        seen = container.health_transitions("healthy")
+        status, _, listed = http_get(container.address, "/files")
+
+    assert "unhealthy" not in seen
+    assert status == 200
+    assert file_names(listed) == ["notas fiscais.txt", "relatorio.csv"]
 
 
 def test_health_becomes_unhealthy_and_readyz_says_why_without_mount(
