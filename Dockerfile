@@ -18,7 +18,7 @@ ARG PYTHON_VERSION
 ARG VERSION=1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.base.name="python:${PYTHON_VERSION}-slim" \
-      org.opencontainers.image.description="HTTP API that lists a mounted directory as JSON" \
+      org.opencontainers.image.description="Directory listing API (JSON)" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.title="listar-arquivos" \
       org.opencontainers.image.version="${VERSION}"
