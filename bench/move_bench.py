@@ -26,6 +26,11 @@ for --stall seconds, or at --deadline. Delivered files are counted from a
 listing of the destination and their contents checked, so a lost or
 damaged file is reported, never assumed.
 
+With --separate-mounts (root), both directories are bind-mounted onto
+themselves first, as ProtectSystem=strict with ReadWritePaths= does for
+the installed unit: rename(2) between them then fails with EXDEV, and
+both movers copy instead (the naive loop through mv's own fallback).
+
 A Markdown table with ratios to naive goes to stdout, progress to
 stderr, and the full results as JSON to bench/results/ (or --output).
 
@@ -38,7 +43,8 @@ Exit codes: 0 the benchmark ran (whether or not targets were met),
 Limitations:
 - One run per size, on a shared, noisy machine: differences under ~20%
   are noise. The file creator competes for the same CPUs as the mover.
-- Source and destination are on the same file system (rename, no copy).
+- Source and destination are on one file system; without
+  --separate-mounts every move is a rename.
 - The destination watch can itself overflow; arrival times then come
   from polling the listing (marked "polled" in the JSON).
 """
@@ -147,6 +153,22 @@ class DestinationWatch:
             self.changed.wait_for(lambda: name in self.arrivals, timeout)
             return self.arrivals.get(name)
 
+    def wait_for_count(self, names, count, timeout):
+        """Arrival times of `names`, once `count` of them have arrived.
+
+        A listing can show a file before this thread has read its event;
+        this gives the thread up to `timeout` seconds to catch up.
+        """
+
+        def arrived():
+            return [self.arrivals[n] for n in names if n in self.arrivals]
+
+        with self.changed:
+            self.changed.wait_for(
+                lambda: self.overflowed or len(arrived()) >= count, timeout
+            )
+            return arrived()
+
     def close(self):
         os.write(self.stop_write, b"x")
         self.thread.join()
@@ -161,8 +183,6 @@ class Mover:
         self.kind = kind
         self.src = workdir / "src"
         self.dest = workdir / "dest"
-        self.src.mkdir()
-        self.dest.mkdir()
         env = dict(os.environ, SRC_DIR=str(self.src), DEST_DIR=str(self.dest))
         if kind == "project":
             argv = [str(mover_path)]
@@ -213,9 +233,22 @@ class Mover:
                 f"{tail.decode(errors='backslashreplace')}"
             )
 
-    def moved_log_lines(self):
-        with self.stdout_path.open("rb") as stream:
-            return sum(1 for line in stream if line.startswith(b"event=moved"))
+    def moved_log_lines(self, quiet=0.5, deadline=5.0):
+        """Lines starting "event=moved", once the log has stopped growing.
+
+        A mover may log a batch after its renames are visible.
+        """
+        give_up = time.monotonic() + deadline
+        count = -1
+        while True:
+            with self.stdout_path.open("rb") as stream:
+                now = sum(
+                    1 for line in stream if line.startswith(b"event=moved")
+                )
+            if now == count or time.monotonic() > give_up:
+                return now
+            count = now
+            time.sleep(quiet)
 
     def stop(self):
         with contextlib.suppress(ProcessLookupError):
@@ -318,11 +351,7 @@ def measure_burst(mover, size, stall, deadline):
         time.sleep(0.05)
 
     delivered, present = count_delivered(mover.dest, wanted)
-    with mover.watch.changed:
-        seen = [
-            mover.watch.arrivals[n] for n in names if n in mover.watch.arrivals
-        ]
-        overflowed = mover.watch.overflowed
+    seen = mover.watch.wait_for_count(names, delivered, timeout=5.0)
     if len(seen) == delivered and seen:
         last, timing = max(seen), "inotify"
     else:
@@ -347,14 +376,43 @@ def measure_burst(mover, size, stall, deadline):
         "elapsed_s": elapsed,
         "files_per_s": delivered / elapsed if elapsed else 0.0,
         "timing": timing,
-        "watch_overflowed": overflowed,
+        "watch_overflowed": mover.watch.overflowed,
         "mover_alive": mover.process.poll() is None,
     }
+
+
+@contextlib.contextmanager
+def bound_onto_themselves(paths):
+    """Bind-mount each path onto itself, as systemd's ReadWritePaths= does.
+
+    A rename between two such mounts fails with EXDEV even on one file
+    system, so every move becomes a copy.
+    """
+    mounted = []
+    try:
+        for path in paths:
+            subprocess.run(["mount", "--bind", path, path], check=True)
+            mounted.append(path)
+        yield
+    finally:
+        for path in reversed(mounted):
+            subprocess.run(["umount", "--lazy", path], check=False)
 
 
 def run_one(kind, mover_path, scenario, args, base):
     """Run one scenario against a fresh mover; return its results."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
+    dirs = [workdir / "src", workdir / "dest"]
+    for path in dirs:
+        path.mkdir()
+    try:
+        with bound_onto_themselves(dirs if args.separate_mounts else []):
+            return run_mover(kind, mover_path, scenario, args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_mover(kind, mover_path, scenario, args, workdir):
     mover = Mover(kind, mover_path, workdir)
     try:
         mover.wait_ready()
@@ -369,7 +427,6 @@ def run_one(kind, mover_path, scenario, args, base):
         return result
     finally:
         mover.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def environment(mover_path):
@@ -420,6 +477,14 @@ def markdown_table(results):
         burst = {k: results[k]["bursts"][str(size)] for k in MOVERS}
         got = [f"{burst[k]['delivered']:,} / {size:,}" for k in MOVERS]
         rows.append(f"| burst {size:,}: delivered | {got[0]} | {got[1]} | |")
+        times = [
+            f"{burst[k]['elapsed_s'] or 0:.1f} ({burst[k]['create_s']:.1f})"
+            for k in MOVERS
+        ]
+        rows.append(
+            f"| burst {size:,}: seconds (of which creating) "
+            f"| {times[0]} | {times[1]} | |"
+        )
         rates = [burst[k]["files_per_s"] for k in MOVERS]
         rows.append(
             f"| burst {size:,}: files/s | {rates[0]:,.0f} | {rates[1]:,.0f} "
@@ -451,9 +516,13 @@ def target_report(results):
     mine = project["latency"].get("p99_ms")
     theirs = naive["latency"].get("p99_ms")
     met = mine is not None and theirs is not None and mine <= theirs
+    shown = [
+        "n/a" if value is None else f"{value:.2f} ms"
+        for value in (mine, theirs)
+    ]
     lines.append(
         f"- p99 latency no worse than naive: {'met' if met else 'MISSED'} "
-        f"({mine} ms vs {theirs} ms)"
+        f"({shown[0]} vs {shown[1]})"
     )
     return "\n".join(lines)
 
@@ -519,6 +588,12 @@ def parse_args(argv):
         "(default: 600)",
     )
     parser.add_argument(
+        "--separate-mounts",
+        action="store_true",
+        help="bind-mount source and destination onto themselves, as the "
+        "unit's ReadWritePaths= does: moves become copies (needs root)",
+    )
+    parser.add_argument(
         "--tmpdir",
         type=Path,
         default=None,
@@ -536,6 +611,8 @@ def parse_args(argv):
         parser.error("--latency-files must be at least 1")
     if not os.access(args.mover, os.X_OK):
         parser.error(f"--mover {args.mover} is not an executable file")
+    if args.separate_mounts and os.geteuid() != 0:
+        parser.error("--separate-mounts needs root (mount --bind)")
     if shutil.which("inotifywait") is None:
         parser.error(
             "inotifywait is not installed (apt-get install inotify-tools)"
@@ -554,7 +631,11 @@ def main(argv=None) -> int:
     )
     signal.signal(signal.SIGTERM, terminate)
 
-    results = {"environment": environment(args.mover), "sizes": args.sizes}
+    results = {
+        "environment": environment(args.mover),
+        "sizes": args.sizes,
+        "separate_mounts": args.separate_mounts,
+    }
     scenarios = ["latency", *args.sizes]
     base = tempfile.mkdtemp(prefix="move_bench-", dir=args.tmpdir)
     try:

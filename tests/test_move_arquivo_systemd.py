@@ -284,6 +284,7 @@ def test_unit_runs_as_shipped_inside_its_sandbox(box):
         "PrivateTmp",
         "ProtectSystem",
         "ReadWritePaths",
+        "SystemCallFilter",
     )
     pid = shown["MainPID"]
 
@@ -307,6 +308,8 @@ def test_unit_runs_as_shipped_inside_its_sandbox(box):
     status = box.sh(f"grep -E '^(NoNewPrivs|Seccomp):' /proc/{pid}/status")
     if shown["NoNewPrivileges"] == "yes":
         assert "NoNewPrivs:\t1" in status
+    if shown["SystemCallFilter"]:
+        assert "Seccomp:\t2" in status
     if shown["PrivateTmp"] == "yes":
         box.sh("touch /tmp/host-marker")
         assert "host-marker" not in box.sh(f"{in_sandbox} ls -A /tmp")
@@ -420,6 +423,7 @@ def test_template_runs_two_directory_pairs_from_their_env_files(box):
 
 
 def test_installer_sets_up_everything_in_one_command(box):
+    """Default pair, a second run, then an instance with its own paths."""
     for path in (SCRIPT, UNIT, TEMPLATE, INSTALLER):
         relative = path.relative_to(REPO_ROOT)
         box.exec("mkdir", "-p", f"/root/src/{relative.parent}")
@@ -440,3 +444,27 @@ def test_installer_sets_up_everything_in_one_command(box):
     box.wait_active("move_arquivo")
     assert box.show("move_arquivo", "NRestarts")["NRestarts"] == "0"
     assert_moves_a_file(box, "reinstalado.txt")
+
+    # An instance whose directories the installer makes writable.
+    box.exec(
+        "/root/src/deploy/install-move-arquivo.sh",
+        "--instance",
+        "cliente",
+        "--src",
+        "/srv/entrada",
+        "--dest",
+        "/srv/saida",
+    )
+
+    unit = "move_arquivo@cliente"
+    box.wait_active(unit)
+    assert box.sh(f"systemctl is-enabled {unit}") == "enabled"
+    shown = box.show(unit, "ProtectSystem", "ReadWritePaths")
+    assert shown["ProtectSystem"] == "strict"
+    assert {"/srv/entrada", "/srv/saida"} <= set(
+        shown["ReadWritePaths"].split()
+    )
+    assert_moves_a_file(
+        box, "do-cliente.txt", "/srv/entrada", "/srv/saida", unit
+    )
+    assert box.files_in("/srv/entrada") == []
