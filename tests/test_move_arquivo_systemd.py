@@ -351,11 +351,13 @@ def test_kill_9_of_main_process_is_restarted_and_backlog_moved(box):
     assert before["NRestarts"] == "0"
 
     # The files are created in the same shell, right after the kill, while
-    # systemd has not yet started the service again.
-    box.sh(
+    # systemd waits RestartSec= before starting the service again.
+    state_after_writing = box.sh(
         f"kill -9 {before['MainPID']}; "
-        f"for i in $(seq 1 200); do echo $i > {SRC}/caido-$i; done"
+        f"for i in $(seq 1 200); do echo $i > {SRC}/caido-$i; done; "
+        "systemctl show -p SubState --value move_arquivo"
     )
+    assert state_after_writing == "auto-restart"
 
     def restarted():
         return box.show("move_arquivo", "NRestarts")["NRestarts"] == "1"
