@@ -38,7 +38,8 @@ Environment variables: none (flags only). TMPDIR chooses where the
 temporary directories go unless --tmpdir is given.
 
 Exit codes: 0 the benchmark ran (whether or not targets were met),
-1 a mover could not be started or died, 2 bad usage.
+1 a mover could not be started or died, 2 bad usage, 130 on Ctrl-C and
+143 on SIGTERM (movers stopped and directories removed in both cases).
 
 Limitations:
 - One run per size, on a shared, noisy machine: differences under ~20%
@@ -653,6 +654,9 @@ def main(argv=None) -> int:
     except RuntimeError as error:
         log.error("%s", error)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; movers stopped, directories removed")
+        return 130
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
