@@ -267,7 +267,7 @@ def test_help_prints_the_header_with_every_setting():
         "Usage: move_arquivos.sh [--help]",
         "SRC_DIR",
         "DEST_DIR",
-        "IGNORE_REGEX",
+        "IGNORE_GLOB",
         "SCAN_SETTLE_SECONDS",
         "METRICS_TEXTFILE_DIR",
         "METRICS_INTERVAL_SECONDS",
@@ -335,9 +335,17 @@ def test_unusable_configuration_is_refused(tmp_path):
             {
                 "SRC_DIR": str(src),
                 "DEST_DIR": str(tmp_path),
-                "IGNORE_REGEX": "(",
+                "METRICS_INTERVAL_SECONDS": "0",
             },
-            'msg="IGNORE_REGEX is not a valid regex"',
+            'msg="METRICS_INTERVAL_SECONDS must be at least 1"',
+        ),
+        (
+            {
+                "SRC_DIR": str(src),
+                "DEST_DIR": str(tmp_path),
+                "METRICS_TEXTFILE_DIR": str(tmp_path / "none"),
+            },
+            f'msg="METRICS_TEXTFILE_DIR {tmp_path / "none"} does not exist"',
         ),
         (
             {
@@ -458,15 +466,25 @@ def test_temporary_names_wait_until_renamed_to_a_final_name(dirs, movers):
     assert (dest / "report.pdf").read_text() == ".report.pdf.Ab3dE9"
 
 
-def test_ignore_regex_is_configurable(dirs, movers):
+def test_the_ignore_pattern_is_configurable(dirs, movers):
     src, dest = dirs
-    mover = movers(src, dest, IGNORE_REGEX=r"\.wip$")
+    mover = movers(src, dest, IGNORE_GLOB="@(*.wip|draft-*)")
     mover.wait_started()
-    (src / "draft.wip").write_text("wip")
-    (src / "video.part").write_text("part")
+    for name in ("notes.WIP", "draft-1.txt", "video.part"):
+        (src / name).write_text(name)
     mover.wait_moved("video.part")
     mover.sentinel()
-    assert visible(src) == ["draft.wip"]
+    assert visible(src) == ["draft-1.txt", "notes.WIP"]
+
+
+def test_an_empty_ignore_pattern_ignores_nothing(dirs, movers):
+    src, dest = dirs
+    mover = movers(src, dest, IGNORE_GLOB="")
+    mover.wait_started()
+    for name in ("video.part", "notes.tmp", ".x.Ab3dE9"):
+        (src / name).write_text(name)
+    mover.wait_moved("video.part", "notes.tmp", ".x.Ab3dE9")
+    assert visible(src) == []
 
 
 def test_an_existing_name_is_never_overwritten(dirs, movers):
@@ -680,6 +698,42 @@ def test_kill_9_during_a_burst_loses_and_duplicates_nothing(
     wait_hidden_empty(src, dest)
 
 
+@pytest.mark.parametrize("layout", ["one-fs", "two-fs"])
+def test_a_restart_finishes_what_a_killed_copy_left(layout, request, movers):
+    fixture = "dirs" if layout == "one-fs" else "tmpfs_dest"
+    src, dest = request.getfixturevalue(fixture)
+    info = src.stat()
+    hidden = f"{HIDDEN}{info.st_dev}-{info.st_ino}"
+    claimed, staged = src / hidden, dest / hidden
+    claimed.mkdir()
+    staged.mkdir()
+    # Killed after the link into place: only the clean-up is missing.
+    (claimed / "placed").write_text("placed")
+    (dest / "placed").write_text("placed")
+    os.link(dest / "placed", staged / "placed")
+    # Killed while copying, and before copying.
+    (claimed / "half").write_text("half, complete")
+    (staged / "half").write_text("half, c")
+    (claimed / "claimed").write_text("claimed")
+
+    mover = movers(src, dest)
+    mover.wait_started()
+    mover.wait_moved("half", "claimed")
+    wait_hidden_empty(src, dest)
+    assert visible(dest) == ["claimed", "half", "placed"]
+    assert (dest / "placed").read_text() == "placed"
+    assert (dest / "half").read_text() == "half, complete"
+    assert (dest / "claimed").read_text() == "claimed"
+    recovered = mover.logged(b"recovered", 1)
+    assert [(e["src"], e["dest"]) for e in recovered] == [
+        (bytes(src / "placed"), bytes(dest / "placed"))
+    ]
+    moved = mover.logged(b"moved", 2)
+    assert sorted((e["src"], e["dest"]) for e in moved) == [
+        (bytes(src / name), bytes(dest / name)) for name in ("claimed", "half")
+    ]
+
+
 def test_no_partial_file_under_its_final_name_across_file_systems(
     tmpfs_dest, movers
 ):
@@ -688,10 +742,11 @@ def test_no_partial_file_under_its_final_name_across_file_systems(
     mover = movers(src, dest)
     mover.wait_started()
     seen_sizes = []
-    done = threading.Event()
 
     def watch_destination():
-        while not done.is_set():
+        """Every size a visible name shows, until the whole file does."""
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end and size not in seen_sizes:
             for name in visible(dest):
                 with contextlib.suppress(FileNotFoundError):
                     seen_sizes.append(os.lstat(dest / name).st_size)
@@ -702,15 +757,18 @@ def test_no_partial_file_under_its_final_name_across_file_systems(
         with (src / "big.bin").open("wb") as stream:
             for _ in range(size // (1024 * 1024)):
                 stream.write(os.urandom(1024 * 1024))
-        mover.wait_moved("big.bin")
     finally:
-        done.set()
         watcher.join()
-    assert seen_sizes, "the watcher never saw the file"
     assert set(seen_sizes) == {size}
     assert (dest / "big.bin").stat().st_size == size
     assert visible(src) == []
     wait_hidden_empty(src, dest)
+
+
+SOURCE_GONE = (
+    b"event=fatal reason=source_gone "
+    b'msg="SRC_DIR %s is gone (deleted, moved away or unmounted)"\n'
+)
 
 
 def test_source_directory_deleted_exits_1(dirs, movers):
@@ -719,10 +777,7 @@ def test_source_directory_deleted_exits_1(dirs, movers):
     mover.wait_started()
     shutil.rmtree(src)
     assert mover.wait_exit() == 1
-    assert mover.stderr() == (
-        b"event=fatal reason=source_gone "
-        b'msg="SRC_DIR %s was deleted or unmounted"\n' % bytes(src)
-    )
+    assert mover.stderr() == SOURCE_GONE % bytes(src)
 
 
 def test_source_directory_moved_away_exits_1(dirs, movers, tmp_path):
@@ -731,10 +786,7 @@ def test_source_directory_moved_away_exits_1(dirs, movers, tmp_path):
     mover.wait_started()
     src.rename(tmp_path / "elsewhere")
     assert mover.wait_exit() == 1
-    assert mover.stderr() == (
-        b"event=fatal reason=source_gone "
-        b'msg="SRC_DIR %s was moved away"\n' % bytes(src)
-    )
+    assert mover.stderr() == SOURCE_GONE % bytes(src)
 
 
 @pytest.fixture
