@@ -17,7 +17,9 @@ import sys
 import threading
 import time
 
+import jsonschema
 import pytest
+from openapi_schema_validator import OAS31Validator
 from support import REPO_ROOT, require
 
 SERVER = REPO_ROOT / "list_files_server.py"
@@ -44,6 +46,8 @@ class ServerProcess:
         )
         self.stdout_lines = []
         self.stderr_lines = []
+        self.responses = []
+        self.spec = None
         self.port = None
         self.ready = threading.Event()
         self.readers = [
@@ -90,9 +94,30 @@ class ServerProcess:
             connection.request(method, path, headers=headers or {})
             response = connection.getresponse()
             body = response.read()
-            return response.status, dict(response.getheaders()), body
+            response_headers = dict(response.getheaders())
         finally:
             connection.close()
+        self.record(method, path, response.status, response_headers, body)
+        return response.status, response_headers, body
+
+    def record(self, method, path, status, headers, body):
+        """Keep a response for validate_responses()."""
+        self.responses.append((method, path, status, headers, body))
+
+    def load_spec(self):
+        if self.spec is None and self.process.poll() is None:
+            connection = self.connect()
+            connection.request("GET", "/openapi.json")
+            response = connection.getresponse()
+            assert response.status == 200
+            self.spec = json.loads(response.read())
+            connection.close()
+
+    def validate_responses(self):
+        """Check every recorded response against the served OpenAPI."""
+        self.load_spec()
+        for response in self.responses:
+            check_against_spec(self.spec, *response)
 
     def get_json(self, path, status=200, headers=None):
         code, response_headers, body = self.request(path, headers=headers)
@@ -101,6 +126,7 @@ class ServerProcess:
         return json.loads(body)
 
     def stop(self, signum=signal.SIGTERM, timeout=10):
+        self.load_spec()
         self.process.send_signal(signum)
         code = self.process.wait(timeout)
         for reader in self.readers:
@@ -124,6 +150,14 @@ def files(tmp_path):
     return root
 
 
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory):
+    """10,050 empty files; tests must not change this directory."""
+    root = tmp_path_factory.mktemp("many")
+    make_files(root, 10_050)
+    return root
+
+
 @pytest.fixture
 def start_server():
     started = []
@@ -134,8 +168,12 @@ def start_server():
         return server
 
     yield start
-    for server in started:
-        server.kill()
+    try:
+        for server in started:
+            server.validate_responses()
+    finally:
+        for server in started:
+            server.kill()
 
 
 @pytest.fixture
@@ -150,7 +188,53 @@ def raw_exchange(server, data, timeout=10):
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
-    return b"".join(chunks)
+    reply = b"".join(chunks)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    words = data.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+    method, path = [*words, "-", "-"][:2]
+    server.record(method, path, int(lines[0].split()[1]), headers, body)
+    return reply
+
+
+def check_against_spec(spec, method, path, status, headers, body):
+    """Validate one response against the OpenAPI document."""
+    path = path.partition("?")[0]
+    if path in ("/files", "/files/"):
+        template = "/files"
+    elif path.startswith("/files/"):
+        template = "/files/{path}"
+    else:
+        template = path
+    operation = spec["paths"].get(template, {}).get(method.lower())
+    if operation is None:
+        assert status in (400, 404, 405, 408, 414, 431, 503), (method, path)
+        response = {"content": {"application/json": {"schema": ERROR_REF}}}
+    else:
+        responses = operation["responses"]
+        response = responses.get(str(status), responses["default"])
+    for name, header in response.get("headers", {}).items():
+        if "const" in header["schema"]:
+            assert headers[name] == header["schema"]["const"], name
+    if status == 304 or method == "HEAD":
+        assert body == b""
+        return
+    media_type = headers["Content-Type"].split(";")[0]
+    schema = response["content"][media_type]["schema"]
+    if headers.get("Content-Encoding") == "gzip":
+        body = gzip.decompress(body)
+    if media_type == "application/json":
+        instance = json.loads(body)
+    else:
+        instance = body.decode("utf-8")
+    OAS31Validator(
+        {**schema, "components": spec["components"]},
+        format_checker=OAS31Validator.FORMAT_CHECKER,
+    ).validate(instance)
+
+
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
 
 def names(document):
@@ -299,7 +383,10 @@ def test_access_log_is_one_json_line_per_request(server):
     assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     server.stop()
     entries = server.access_log()
-    assert len(entries) == 1
+    assert [e["path"] for e in entries] == [
+        "/files/sub?x=\x1b[31m",
+        "/openapi.json",
+    ]
     entry = entries[0]
     assert entry["method"] == "GET"
     assert entry["path"] == "/files/sub?x=\x1b[31m"
@@ -349,25 +436,27 @@ def metric_value(text, name):
 
 
 def test_paging_over_10000_entries_loses_and_repeats_nothing(
-    start_server, tmp_path
+    start_server, many_files
 ):
-    make_files(tmp_path, 10_050)
-    server = start_server(tmp_path, "--max-entries", "1000")
+    server = start_server(many_files, "--max-entries", "1000")
     pages = collect_pages(server, "/files")
     assert len(pages) == 11
     assert [p["count"] for p in pages] == [1000] * 10 + [50]
     assert {p["total"] for p in pages} == {10_050}
     listed = [name for page in pages for name in names(page)]
-    assert listed == sorted(os.listdir(tmp_path))
+    assert listed == sorted(os.listdir(many_files))
     assert pages[-1]["next"] is None
+    descending = collect_pages(server, "/files?order=desc&limit=999")
+    listed = [name for page in descending for name in names(page)]
+    assert listed == sorted(os.listdir(many_files), reverse=True)
 
 
 def test_paging_stays_exact_while_the_directory_changes(
     start_server, tmp_path
 ):
-    make_files(tmp_path, 10_010)
+    make_files(tmp_path, 1_500)
     server = start_server(tmp_path)
-    path = "/files?limit=997&sort=size&order=desc"
+    path = "/files?limit=97&sort=size&order=desc"
     seen = []
     extra = 0
     while path is not None:
@@ -378,7 +467,7 @@ def test_paging_stays_exact_while_the_directory_changes(
         os.unlink(tmp_path / f"f{extra * 7:06d}")
         extra += 1
     assert len(seen) == len(set(seen))
-    steady = {f"f{n:06d}" for n in range(10_010)}
+    steady = {f"f{n:06d}" for n in range(1_500)}
     steady -= {f"f{n * 7:06d}" for n in range(extra)}
     assert steady <= set(seen)
 
@@ -833,53 +922,76 @@ def test_connections_over_the_cap_get_503_and_are_counted(start_server, files):
     assert "connection refused" in server.stderr()
 
 
-def test_sigterm_finishes_an_in_flight_response(start_server, tmp_path):
-    make_files(tmp_path, 30_000, name_length=120)
-    server = start_server(tmp_path)
-    reader = socket.socket()
-    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    reader.connect(("127.0.0.1", server.port))
-    reader.sendall(b"GET /files HTTP/1.1\r\nHost: t\r\n\r\n")
+def pipeline_listings(server, count):
+    """A connection with `count` pipelined GET /files and a small
+    receive buffer, so the server blocks sending the answers."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", server.port))
+    client.sendall(b"GET /files HTTP/1.1\r\nHost: t\r\n\r\n" * count)
+    return client
 
-    def in_flight():
+
+def in_flight(server):
+    _, _, text = server.request("/metrics")
+    return metric_value(text.decode(), "list_files_http_requests_in_flight")
+
+
+def blocked_sending(server, polls=3):
+    """True once answers stop completing while one is in flight."""
+    seen = set()
+    for _ in range(polls):
         _, _, text = server.request("/metrics")
-        value = metric_value(
-            text.decode(), "list_files_http_requests_in_flight"
+        text = text.decode()
+        if metric_value(text, "list_files_http_requests_in_flight") < 2:
+            return False
+        done = re.search(
+            r'route="/files",method="GET",status="200"} (\d+)', text
         )
-        return value >= 2
+        seen.add(done and done.group(1))
+        time.sleep(0.2)
+    return len(seen) == 1 and None not in seen
 
-    assert wait_until(in_flight)
-    server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    reader.settimeout(30)
+
+def read_responses(client):
+    """Parse complete responses from the stream until EOF."""
+    client.settimeout(60)
     data = b""
-    while chunk := reader.recv(1 << 20):
+    while chunk := client.recv(1 << 20):
         data += chunk
-    reader.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert b"Connection: close" in head or b"HTTP/1.1 200 OK" in head
-    assert len(json.loads(body)["files"]) == 30_000
+    client.close()
+    responses = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        assert len(rest) >= length, "a response was cut short"
+        responses.append((head, rest[:length]))
+        data = rest[length:]
+    return responses
+
+
+def test_sigterm_finishes_the_in_flight_response_then_closes(
+    start_server, many_files
+):
+    server = start_server(many_files)
+    client = pipeline_listings(server, 30)
+    assert wait_until(lambda: in_flight(server) >= 2)
+    server.load_spec()
+    server.process.send_signal(signal.SIGTERM)
+    responses = read_responses(client)
+    assert 1 <= len(responses) < 30
+    for head, body in responses:
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert json.loads(body)["count"] == 10_050
     assert server.process.wait(10) == 0
 
 
 def test_shutdown_gives_up_on_a_stuck_client_after_the_grace(
-    start_server, tmp_path
+    start_server, many_files
 ):
-    make_files(tmp_path, 30_000, name_length=120)
-    server = start_server(tmp_path, "--shutdown-grace", "0.5")
-    stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(("127.0.0.1", server.port))
-    stuck.sendall(b"GET /files HTTP/1.1\r\nHost: t\r\n\r\n")
-    assert wait_until(
-        lambda: (
-            metric_value(
-                server.request("/metrics")[2].decode(),
-                "list_files_http_requests_in_flight",
-            )
-            >= 2
-        )
-    )
+    server = start_server(many_files, "--shutdown-grace", "0.5")
+    stuck = pipeline_listings(server, 30)
+    assert wait_until(lambda: blocked_sending(server))
     assert server.stop(signal.SIGTERM) == 0
     assert "stopped with 1 requests unfinished" in server.stderr()
     stuck.close()
@@ -917,7 +1029,14 @@ def test_bind_failure_exits_1(start_server, files):
 def test_metrics_pass_promtool_and_carry_the_monitoring_signals(server):
     server.request("/files")
     server.request("/files/nope")
-    status, headers, body = server.request("/metrics")
+
+    def scrape():
+        scrape.response = server.request("/metrics")
+        return b'status="404"} 1\n' in scrape.response[2]
+
+    # a request is counted once its answer is sent: wait for the last
+    assert wait_until(scrape)
+    status, headers, body = scrape.response
     assert status == 200
     assert (
         headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -939,13 +1058,13 @@ def test_metrics_pass_promtool_and_carry_the_monitoring_signals(server):
         'status="404"} 1',
         'list_files_http_request_duration_seconds_bucket{route="/files",'
         'le="+Inf"} 1',
-        "list_files_http_requests_in_flight 1",
         "list_files_http_connections_refused_total 0",
         "list_files_scan_duration_seconds_count 1",
         "list_files_last_listing_entries 3",
         "list_files_build_info{version=",
     ):
         assert needle in text
+    assert metric_value(text, "list_files_http_requests_in_flight") >= 1
     for name in (
         "process_start_time_seconds",
         "process_open_fds",
@@ -955,3 +1074,42 @@ def test_metrics_pass_promtool_and_carry_the_monitoring_signals(server):
         assert metric_value(text, name) > 0
     started = metric_value(text, "process_start_time_seconds")
     assert abs(started - time.time()) < 600
+
+
+def test_openapi_document_is_valid_openapi_3_1(server):
+    spec = server.get_json("/openapi.json")
+    assert spec["openapi"] == "3.1.0"
+    assert set(spec["paths"]) == {
+        "/files",
+        "/files/{path}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    }
+    for schema in spec["components"]["schemas"].values():
+        OAS31Validator.check_schema(schema)
+    listing = spec["paths"]["/files"]["get"]
+    assert [p["name"] for p in listing["parameters"]] == [
+        "limit",
+        "cursor",
+        "sort",
+        "order",
+        "type",
+        "pattern",
+        "hidden",
+        "format",
+    ]
+
+
+def test_validation_against_the_spec_catches_a_wrong_body(server):
+    spec = server.get_json("/openapi.json")
+    with pytest.raises(jsonschema.ValidationError):
+        check_against_spec(
+            spec,
+            "GET",
+            "/files",
+            200,
+            {"Content-Type": "application/json", "Cache-Control": "no-cache"},
+            b'{"files": []}',
+        )
