@@ -73,20 +73,30 @@ def parse_line(line):
     return fields
 
 
-def session_cpu_ticks(session):
-    """{pid: user+system+children ticks} of every process in a session."""
-    ticks = {}
+def session_activity(session):
+    """{pid: (CPU ticks incl. reaped children, context switches)} of every
+    process in a session. A process blocked in read(2) changes neither;
+    any wake-up, however short, adds a context switch."""
+    activity = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            text = (entry / "stat").read_text()
+            stat_text = (entry / "stat").read_text()
+            status_text = (entry / "status").read_text()
         except OSError:
             continue
-        fields = text.rsplit(")", 1)[1].split()
-        if int(fields[3]) == session:
-            ticks[int(entry.name)] = sum(int(f) for f in fields[11:15])
-    return ticks
+        fields = stat_text.rsplit(")", 1)[1].split()
+        if int(fields[3]) != session:
+            continue
+        switches = sum(
+            int(line.split()[1])
+            for line in status_text.splitlines()
+            if "ctxt_switches:" in line
+        )
+        ticks = sum(int(f) for f in fields[11:15])
+        activity[int(entry.name)] = (ticks, switches)
+    return activity
 
 
 class Mover:
@@ -839,11 +849,11 @@ def test_sigterm_stops_cleanly_with_status_0(dirs, movers):
     mover = movers(src, dest)
     mover.wait_started()
     session = mover.process.pid
-    assert len(session_cpu_ticks(session)) >= 2  # bash and inotifywait
+    assert len(session_activity(session)) >= 2  # bash and inotifywait
     assert mover.stop() == 0
     assert mover.stdout().splitlines()[-1] == b"event=stopped signal=TERM"
     assert mover.stderr() == b""
-    wait_for(lambda: session_cpu_ticks(session) == {}, "no process left")
+    wait_for(lambda: session_activity(session) == {}, "no process left")
 
 
 def test_idle_mover_uses_no_cpu(dirs, movers, tmp_path):
@@ -866,9 +876,18 @@ def test_idle_mover_uses_no_cpu(dirs, movers, tmp_path):
         ),
         "metrics after the move",
     )
-    before = session_cpu_ticks(mover.process.pid)
+    session = mover.process.pid
+
+    def settled():
+        first = session_activity(session)
+        time.sleep(0.5)
+        return session_activity(session) == first
+
+    # The last metrics write may still be finishing (reaping its mv).
+    wait_for(settled, "the mover to settle")
+    before = session_activity(session)
     time.sleep(3)  # the idle interval under observation
-    after = session_cpu_ticks(mover.process.pid)
+    after = session_activity(session)
     assert len(before) >= 3  # bash, inotifywait, the stderr relay
     assert after == before
 
