@@ -18,9 +18,11 @@ Environment:
 Limitations:
 - The container gets SYS_ADMIN, the host's cgroup tree (v1 here) and
   tmpfs on /run, not --privileged. systemd builds the unit's sandbox
-  (mount namespace, seccomp, capabilities) inside it; settings that need
-  more (PrivateNetwork's loopback setup, BPF IP filters) are reduced by
-  systemd with a warning, as on any container host.
+  (mount namespace, seccomp, capabilities) inside it. The one setting
+  it cannot complete is PrivateNetwork='s loopback device (no
+  CAP_NET_ADMIN in the container); systemd logs "Failed to configure
+  loopback network device, ignoring" and the service runs. The unit
+  forbids every socket family anyway.
 - A "reboot" is docker stop + docker start: systemd shuts down and boots
   again in the same root file system; the kernel is not restarted.
 """
@@ -223,14 +225,31 @@ def box(systemd_image):
         container.remove()
 
 
+# The original challenge's manual steps, word for word as the README
+# gives them, run from a checkout.
+README_STEPS = f"""
+cp move_arquivos.sh /usr/local/bin/
+cp move_arquivo.service /etc/systemd/system/
+mkdir -p {SRC} {DEST}
+systemctl daemon-reload
+systemctl enable move_arquivo
+systemctl start move_arquivo
+"""
+CHECKOUT = "/root/listar-arquivos"
+INSTALLER_IN_CHECKOUT = f"{CHECKOUT}/deploy/install-move-arquivo.sh"
+
+
+def copy_checkout(box):
+    """The mover's files at their places in a checkout in the container."""
+    for path in (SCRIPT, UNIT, TEMPLATE, INSTALLER):
+        relative = path.relative_to(REPO_ROOT)
+        box.exec("mkdir", "-p", f"{CHECKOUT}/{relative.parent}")
+        box.copy_in(path, f"{CHECKOUT}/{relative}")
+
+
 def install_by_readme(box):
-    """The original challenge's manual steps, as the README gives them."""
-    box.copy_in(SCRIPT, INSTALLED_SCRIPT)
-    box.copy_in(UNIT, INSTALLED_UNIT)
-    box.exec("mkdir", "-p", SRC, DEST)
-    box.exec("systemctl", "daemon-reload")
-    box.exec("systemctl", "enable", "move_arquivo")
-    box.exec("systemctl", "start", "move_arquivo")
+    copy_checkout(box)
+    box.sh(f"set -e; cd {CHECKOUT}; {README_STEPS}")
     box.wait_active("move_arquivo")
 
 
@@ -380,8 +399,11 @@ def test_kill_9_of_main_process_is_restarted_and_backlog_moved(box):
 
 
 def test_template_runs_two_directory_pairs_from_their_env_files(box):
-    box.copy_in(SCRIPT, INSTALLED_SCRIPT)
-    box.copy_in(TEMPLATE, INSTALLED_TEMPLATE)
+    copy_checkout(box)
+    box.sh(
+        f"set -e; cd {CHECKOUT}; cp move_arquivos.sh /usr/local/bin/; "
+        "cp move_arquivo@.service /etc/systemd/system/"
+    )
     # Inside each instance's ReadWritePaths=, /opt/move_arquivo/NAME, but
     # not the unit's own defaults: only the environment file names them.
     pairs = {
@@ -426,12 +448,9 @@ def test_template_runs_two_directory_pairs_from_their_env_files(box):
 
 def test_installer_sets_up_everything_in_one_command(box):
     """Default pair, a second run, then an instance with its own paths."""
-    for path in (SCRIPT, UNIT, TEMPLATE, INSTALLER):
-        relative = path.relative_to(REPO_ROOT)
-        box.exec("mkdir", "-p", f"/root/src/{relative.parent}")
-        box.copy_in(path, f"/root/src/{relative}")
+    copy_checkout(box)
 
-    box.exec("/root/src/deploy/install-move-arquivo.sh")
+    box.exec(INSTALLER_IN_CHECKOUT)
 
     box.wait_active("move_arquivo")
     assert box.sh("systemctl is-enabled move_arquivo") == "enabled"
@@ -442,14 +461,14 @@ def test_installer_sets_up_everything_in_one_command(box):
     assert_moves_a_file(box, "instalado.txt")
 
     # A second run changes nothing and leaves the service running.
-    box.exec("/root/src/deploy/install-move-arquivo.sh")
+    box.exec(INSTALLER_IN_CHECKOUT)
     box.wait_active("move_arquivo")
     assert box.show("move_arquivo", "NRestarts")["NRestarts"] == "0"
     assert_moves_a_file(box, "reinstalado.txt")
 
     # An instance whose directories the installer makes writable.
     box.exec(
-        "/root/src/deploy/install-move-arquivo.sh",
+        INSTALLER_IN_CHECKOUT,
         "--instance",
         "cliente",
         "--src",
