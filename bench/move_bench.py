@@ -378,6 +378,7 @@ def measure_burst(mover, size, stall, deadline):
         "files_per_s": delivered / elapsed if elapsed else 0.0,
         "timing": timing,
         "watch_overflowed": mover.watch.overflowed,
+        "repeat_events": mover.watch.repeats,
         "mover_alive": mover.process.poll() is None,
     }
 

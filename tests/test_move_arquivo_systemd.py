@@ -287,6 +287,10 @@ def test_readme_steps_leave_service_enabled_active_and_moving(box):
 
     assert box.sh("systemctl is-enabled move_arquivo") == "enabled"
     assert box.sh("systemctl is-active move_arquivo") == "active"
+    shown = box.show("move_arquivo", "WantedBy", "After", "Restart")
+    assert "multi-user.target" in shown["WantedBy"].split()
+    assert "local-fs.target" in shown["After"].split()
+    assert shown["Restart"] in {"on-failure", "always"}
     assert_moves_a_file(box, "relatorio.csv")
     assert box.files_in(SRC) == []
     assert box.sh("systemctl is-system-running") == "running"
