@@ -244,6 +244,9 @@ prepare_directories() {
   SRC_DIR="${REPLY}"
   trim_trailing_slashes "${DEST_DIR}"
   DEST_DIR="${REPLY}"
+  # find and inotifywait would read a leading - or @ as an option.
+  [[ "${SRC_DIR}" == /* ]] || SRC_DIR="./${SRC_DIR}"
+  [[ "${DEST_DIR}" == /* ]] || DEST_DIR="./${DEST_DIR}"
   readonly SRC_DIR DEST_DIR
 
   local src_mount dest_mount identity
@@ -288,14 +291,11 @@ relay_watcher_messages() {
 }
 
 start_watcher() {
-  local target="${SRC_DIR}"
-  # inotifywait reads a leading @ as "exclude".
-  [[ "${target}" == /* ]] || target="./${target}"
   exec {watch_fd}< <(
     exec inotifywait --monitor --format '%e %f%0' --no-newline \
       -e close_write -e moved_to -e create -e attrib \
       -e delete_self -e move_self -e unmount -e q_overflow \
-      -- "${target}" 2> >(relay_watcher_messages)
+      -- "${SRC_DIR}" 2> >(relay_watcher_messages)
   )
   watch_pid="$!"
 }
@@ -614,21 +614,22 @@ recover_interrupted_moves() {
   declare -A linked=()
   while IFS= read -r -d '' name; do
     linked[${name}]=1
-  done < <(find "${staging_dir}" -mindepth 1 -maxdepth 1 -links +1 \
+  done < <(find -H "${staging_dir}" -mindepth 1 -maxdepth 1 -links +1 \
     -printf '%f\0')
 
   while IFS= read -r -d '' name; do
     if [[ -n "${linked[${name}]+x}" ]]; then
-      dest="$(find "${DEST_DIR}" -mindepth 1 -maxdepth 1 \
+      dest="$(find -H "${DEST_DIR}" -mindepth 1 -maxdepth 1 \
         -samefile "${staging_dir}/${name}" -print -quit)"
       log_event out recovered src "${SRC_DIR}/${name}" dest "${dest}"
       rm -f -- "${claim_dir}/${name}"
     else
       pending+=("${name}")
     fi
-  done < <(find "${claim_dir}" -mindepth 1 -maxdepth 1 -printf '%f\0')
+  done < <(find -H "${claim_dir}" -mindepth 1 -maxdepth 1 \
+    -printf '%f\0')
 
-  find "${staging_dir}" -mindepth 1 -maxdepth 1 -delete
+  find -H "${staging_dir}" -mindepth 1 -maxdepth 1 -delete
   (( ${#pending[@]} > 0 )) || return 0
   if (( same_mount )); then
     rename_files "${claim_dir}" "${pending[@]}"
@@ -653,7 +654,7 @@ scan_source() {
     fi
     add_to_batch "${name}"
     (( ${#batch[@]} < BATCH_MAX )) || flush_batch
-  done < <(find "${SRC_DIR}" -mindepth 1 -maxdepth 1 \
+  done < <(find -H "${SRC_DIR}" -mindepth 1 -maxdepth 1 \
     -printf '%y %C@ %f\0' 2>/dev/null)
   # find also fails when a file vanishes under it; only an unusable
   # directory is fatal.
@@ -677,7 +678,7 @@ count_waiting() {
     if [[ -z "${oldest}" ]] || (( changed < oldest )); then
       oldest="${changed}"
     fi
-  done < <(find "${SRC_DIR}" -mindepth 1 -maxdepth 1 ! -type d \
+  done < <(find -H "${SRC_DIR}" -mindepth 1 -maxdepth 1 ! -type d \
     -printf '%T@\0' 2>/dev/null)
   REPLY=0
   [[ -z "${oldest}" ]] || REPLY=$(( EPOCHSECONDS - oldest ))

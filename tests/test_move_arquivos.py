@@ -389,6 +389,27 @@ def test_files_present_at_start_are_moved(dirs, movers):
     assert visible(src) == []
 
 
+def test_directories_given_by_symlink_or_relative_path_work(
+    tmp_path, movers, monkeypatch
+):
+    real = tmp_path / "real-origem"
+    real.mkdir()
+    (tmp_path / "-destino").mkdir()
+    (real / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    mover = movers("link", "-destino", SCAN_SETTLE_SECONDS="0")
+    mover.wait_started()
+    (real / "new.txt").write_text("new")
+    mover.wait_moved("old.txt", "new.txt")
+    assert visible(real) == []
+    moved = mover.logged(b"moved", 2)
+    assert sorted(e["dest"] for e in moved) == [
+        b"./-destino/new.txt",
+        b"./-destino/old.txt",
+    ]
+
+
 def test_nothing_created_during_start_up_is_missed(dirs, movers):
     src, dest = dirs
     stop = threading.Event()
