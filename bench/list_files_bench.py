@@ -825,8 +825,12 @@ def whole_table(results, floors):
     return lines
 
 
+def target(description, measured, met):
+    return {"target": description, "measured": measured, "met": met}
+
+
 def evaluate_targets(load_results, whole_results, idle_rss):
-    """Return (description, measured, passed) for each target."""
+    """Return one {"target", "measured", "met"} dict per target."""
     targets = []
     for count, by_server in load_results.items():
         project, nginx = by_server.get("project"), by_server.get("nginx")
@@ -835,7 +839,7 @@ def evaluate_targets(load_results, whole_results, idle_rss):
         wanted = TARGET_SMALL_RATIO if count <= 100 else TARGET_LARGE_RATIO
         ratio = project["requests_per_second"] / nginx["requests_per_second"]
         targets.append(
-            (
+            target(
                 f"{count:,} files: req/s >= {wanted:g}x nginx",
                 f"{ratio:.2f}x",
                 ratio >= wanted,
@@ -847,7 +851,7 @@ def evaluate_targets(load_results, whole_results, idle_rss):
             continue
         ratio = project["ratio_to_floor"]
         targets.append(
-            (
+            target(
                 f"{count:,} files: all pages <= "
                 f"{TARGET_PAGED_RATIO:g}x floor (first fetch)",
                 f"{ratio:.2f}x",
@@ -855,7 +859,7 @@ def evaluate_targets(load_results, whole_results, idle_rss):
             )
         )
         targets.append(
-            (
+            target(
                 f"{count:,} files: peak RSS < "
                 f"{format_bytes(TARGET_PAGED_RSS)}",
                 format_bytes(project["peak_rss"]),
@@ -865,7 +869,7 @@ def evaluate_targets(load_results, whole_results, idle_rss):
     if idle_rss:
         worst = max(idle_rss)
         targets.append(
-            (
+            target(
                 f"idle RSS < {format_bytes(TARGET_IDLE_RSS)}",
                 format_bytes(worst),
                 worst < TARGET_IDLE_RSS,
@@ -900,9 +904,11 @@ def print_report(report):
     if report["targets"]:
         lines += ["### Targets", ""]
         lines += ["| target | measured | result |", "|---|---|---|"]
-        for description, measured, passed in report["targets"]:
-            verdict = "met" if passed else "**MISSED**"
-            lines.append(f"| {description} | {measured} | {verdict} |")
+        for row in report["targets"]:
+            verdict = "met" if row["met"] else "**MISSED**"
+            lines.append(
+                f"| {row['target']} | {row['measured']} | {verdict} |"
+            )
         lines.append("")
     print("\n".join(lines))
 
@@ -1203,7 +1209,7 @@ def main(argv=None) -> int:
     print_report(report)
     path = save_report(report, args.results_dir)
     log.info("results written to %s", path)
-    missed = [t for t in report["targets"] if not t[2]]
+    missed = [row for row in report["targets"] if not row["met"]]
     if missed and args.fail_on_miss:
         return 3
     return 0
