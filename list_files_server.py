@@ -23,7 +23,7 @@ Configuration (a flag overrides its environment variable):
                                         to send a request head (10)
     MAX_ENTRIES      --max-entries      entries per response (100000)
     STAT_TTL         --stat-ttl         seconds size/mtime may be old (1)
-    CACHE_MB         --cache-mb         memory for cached bodies (64)
+    CACHE_MB         --cache-mb         memory for cached bodies (32)
     SHUTDOWN_GRACE   --shutdown-grace   seconds to finish requests on
                                         SIGTERM/SIGINT (5)
     ACCESS_LOG       --access-log       on/off: JSON access log (on)
@@ -38,9 +38,9 @@ configuration: the server starts and /readyz reports it.
 
 Freshness: a listing shows every change to the directory's entries
 (created, removed, renamed) that completed before the request started.
-The size and mtime of an entry are at most STAT_TTL seconds old (for
-directories whose stat pass takes longer than STAT_TTL/10, at most ten
-times that pass). See docs/list_files_server.md for the cache design.
+The size and mtime of an entry are at most max(STAT_TTL, ten times the
+directory's last stat pass) old, twice that for a request arriving while
+another one refreshes them. docs/list_files_server.md explains the cache.
 
 Limitations:
 - Symlinks are listed, never followed: /files/<link> is 404 even when the
@@ -196,7 +196,7 @@ def build_parser(environ):
             float,
             "seconds an entry's size/mtime may be old",
         ),
-        ("--cache-mb", "CACHE_MB", "64", int, "MiB for cached bodies"),
+        ("--cache-mb", "CACHE_MB", "32", int, "MiB for cached bodies"),
         (
             "--shutdown-grace",
             "SHUTDOWN_GRACE",
@@ -269,19 +269,28 @@ def display_name(raw):
     return raw.decode("utf-8", "replace")
 
 
-_SECOND_PREFIX = {}
+_HOUR_PREFIX = {}
+_MINUTE_SECOND = [f"{m:02d}:{s:02d}" for m in range(60) for s in range(60)]
+
+
+def hour_prefix(hour):
+    """'YYYY-MM-DDTHH:' for an hour since the epoch, cached."""
+    prefix = _HOUR_PREFIX.get(hour)
+    if prefix is None:
+        if len(_HOUR_PREFIX) > 100_000:
+            _HOUR_PREFIX.clear()
+        prefix = time.strftime("%Y-%m-%dT%H:", time.gmtime(hour * 3600))
+        _HOUR_PREFIX[hour] = prefix
+    return prefix
 
 
 def rfc3339(ns):
     """RFC 3339 UTC time with microseconds for a time in nanoseconds."""
     seconds, fraction = divmod(ns, 1_000_000_000)
-    prefix = _SECOND_PREFIX.get(seconds)
-    if prefix is None:
-        if len(_SECOND_PREFIX) > 100_000:
-            _SECOND_PREFIX.clear()
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _SECOND_PREFIX[seconds] = prefix
-    return f"{prefix}.{fraction // 1000:06d}Z"
+    hour, within = divmod(seconds, 3600)
+    return (
+        f"{hour_prefix(hour)}{_MINUTE_SECOND[within]}.{fraction // 1000:06d}Z"
+    )
 
 
 _HTTP_DATE = [0, ""]
@@ -476,6 +485,12 @@ class ListingCache:
             return snapshot
         with self.lock:
             key_lock = self.key_locks.setdefault(key, threading.Lock())
+        if key_lock.locked() and self.usable(
+            snapshot, identity, request_started, ttls=2
+        ):
+            # only the entry stats are old, and another request is
+            # re-reading them: answer from the previous ones meanwhile
+            return snapshot
         with key_lock:
             snapshot = self.snapshots.get(key)
             identity = directory_identity(os.fstat(fd))
@@ -486,6 +501,10 @@ class ListingCache:
             else:
                 fresh = None
             if fresh is None:
+                # let the old scan go before a new one: two copies of a
+                # million-entry directory would double the peak memory
+                self.drop(key)
+                del snapshot
                 fresh = self.scan(fd)
             self.store(key, fresh)
             return fresh
@@ -495,11 +514,11 @@ class ListingCache:
             return False
         return not snapshot.racy or snapshot.scan_started >= request_started
 
-    def usable(self, snapshot, identity, request_started):
+    def usable(self, snapshot, identity, request_started, ttls=1):
         if not self.entries_valid(snapshot, identity, request_started):
             return False
         ttl = max(self.stat_ttl, 10 * snapshot.stat_seconds)
-        return time.monotonic() - snapshot.stats_at <= ttl
+        return time.monotonic() - snapshot.stats_at <= ttl * ttls
 
     def scan(self, fd):
         """Read the directory afresh (names, then one lstat each)."""
@@ -538,6 +557,10 @@ class ListingCache:
             snapshot.racy,
         )
         return fresh
+
+    def drop(self, key):
+        with self.lock:
+            self.snapshots.pop(key, None)
 
     def store(self, key, snapshot):
         with self.lock:
@@ -781,7 +804,8 @@ def render_entries(snapshot, indices):
         sizes = [snapshot.sizes[i] for i in indices]
         mtimes = [snapshot.mtimes[i] for i in indices]
     encode = json.encoder.encode_basestring
-    prefixes = _SECOND_PREFIX
+    hours = _HOUR_PREFIX
+    minute_second = _MINUTE_SECOND
     type_names = TYPE_NAMES
     parts = []
     add = parts.append
@@ -804,12 +828,12 @@ def render_entries(snapshot, indices):
             )
             continue
         seconds, fraction = divmod(mtime, 1_000_000_000)
-        prefix = prefixes.get(seconds)
-        if prefix is None:
-            prefix = rfc3339(mtime)[:19]
+        hour, within = divmod(seconds, 3600)
+        prefix = hours.get(hour) or hour_prefix(hour)
         add(
             f'{{"name":{encode(name)}{extra},"type":"{type_names[kind]}",'
-            f'"size":{size},"mtime":"{prefix}.{fraction // 1000:06d}Z"}}'
+            f'"size":{size},"mtime":"{prefix}{minute_second[within]}'
+            f'.{fraction // 1000:06d}Z"}}'
         )
     return ",".join(parts)
 
@@ -830,22 +854,27 @@ def text_name(name):
 class Page:
     """A rendered response body and what the headers need about it."""
 
-    __slots__ = ("body", "etag", "gzip", "next_link", "size")
+    __slots__ = ("chunks", "etag", "gzip", "length", "next_link", "size")
 
-    def __init__(self, body, next_link):
+    def __init__(self, chunks, next_link):
         import hashlib
 
-        self.body = body
+        # kept in pieces: joining a 10 MB page would copy it once more
+        self.chunks = tuple(chunks)
         self.next_link = next_link
-        digest = hashlib.blake2b(body, digest_size=12).hexdigest()
-        self.etag = f'"{digest}"'
+        digest = hashlib.blake2b(digest_size=12)
+        for chunk in self.chunks:
+            digest.update(chunk)
+        self.etag = f'"{digest.hexdigest()}"'
         self.gzip = None
-        self.size = len(body)
+        self.length = self.size = sum(map(len, self.chunks))
 
     def gzipped(self):
         if self.gzip is None:
             compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
-            self.gzip = compressor.compress(self.body) + compressor.flush()
+            packed = [compressor.compress(c) for c in self.chunks]
+            packed.append(compressor.flush())
+            self.gzip = b"".join(packed)
             self.size += len(self.gzip)
         return self.gzip
 
@@ -919,7 +948,7 @@ def render_page(snapshot, query, parts, view, start, fingerprint):
     if query.format == "text":
         lines = [text_name(snapshot.names[i]) for i in indices]
         lines.append("")
-        body = "\n".join(lines).encode()
+        chunks = ["\n".join(lines).encode()]
     else:
         directory = "/" + "/".join(display_name(p) for p in parts)
         head = json.dumps(
@@ -932,10 +961,13 @@ def render_page(snapshot, query, parts, view, start, fingerprint):
             separators=(",", ":"),
             ensure_ascii=False,
         )
-        body = (
-            f'{head[:-1]},"files":[{render_entries(snapshot, indices)}]}}\n'
-        ).encode()
-    return Page(body, next_link)
+        entries = render_entries(snapshot, indices)
+        chunks = [
+            f'{head[:-1]},"files":['.encode(),
+            entries.encode(),
+            b"]}\n",
+        ]
+    return Page(chunks, next_link)
 
 
 # --------------------------------------------------------------- metrics
@@ -1674,8 +1706,8 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
         if etag_matches(self.header_map.get("if-none-match"), page.etag):
             self.respond(304, b"", content_type, headers, cache="no-cache")
             return
-        body = page.body
-        if len(body) >= GZIP_MIN_BYTES and accepts_gzip(
+        body = page.chunks
+        if page.length >= GZIP_MIN_BYTES and accepts_gzip(
             self.header_map.get("accept-encoding")
         ):
             size_before = page.size
@@ -1711,8 +1743,11 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
             "X-Content-Type-Options: nosniff",
             f"Cache-Control: {cache}",
         ]
+        if isinstance(body, bytes):
+            body = (body,)
+        length = sum(map(len, body))
         if status != 304:
-            lines.append(f"Content-Length: {len(body)}")
+            lines.append(f"Content-Length: {length}")
         for name, value in headers:
             lines.append(f"{name}: {value}")
         if self.close_connection:
@@ -1722,18 +1757,19 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
         lines.append("\r\n")
         head = "\r\n".join(lines).encode("latin-1")
         if self.method == "HEAD" or status == 304:
-            body = b""
+            body, length = (), 0
         sent = 0
         try:
             self.connection.settimeout(
-                self.config.timeout + len(body) / MIN_SEND_RATE
+                self.config.timeout + length / MIN_SEND_RATE
             )
-            if len(body) < 65536:
-                self.connection.sendall(head + body)
+            if length < 65536:
+                self.connection.sendall(b"".join((head, *body)))
             else:
                 self.connection.sendall(head)
-                self.connection.sendall(body)
-            sent = len(body)
+                for chunk in body:
+                    self.connection.sendall(chunk)
+            sent = length
         except OSError:
             self.close_connection = True
         duration = time.monotonic() - self.started
@@ -1953,7 +1989,7 @@ def openapi_document(max_entries):
         return {"get": get, "head": head}
 
     probe = {"Cache-Control": {"schema": {"const": "no-store"}}}
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {
             "title": "list-files",
@@ -2140,6 +2176,14 @@ def openapi_document(max_entries):
             }
         },
     }
+    for operations in document["paths"].values():
+        if "head" not in operations:
+            get = operations["get"]
+            operations["head"] = {
+                **get,
+                "summary": get["summary"] + " (headers only)",
+            }
+    return document
 
 
 # ------------------------------------------------------------------ main
