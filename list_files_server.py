@@ -2206,6 +2206,13 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
     try:
         server = ListFilesServer(config)
@@ -2221,13 +2228,6 @@ def main(argv=None) -> int:
         )
         return 1
 
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     serving = threading.Thread(
         target=server.serve_forever,
         kwargs={"poll_interval": 0.05},

@@ -5,6 +5,7 @@ port 0, talks HTTP to it over a real socket and stops it with SIGTERM.
 """
 
 import base64
+import contextlib
 import gzip
 import http.client
 import json
@@ -372,6 +373,56 @@ def test_bad_configuration_exits_2_with_one_line(args, env, message, tmp_path):
     assert result.returncode == 2
     assert result.stderr == f"list_files_server.py: error: {message}\n"
     assert result.stdout == ""
+
+
+def test_access_log_off_leaves_stdout_empty(start_server, files):
+    server = start_server(files, env={"ACCESS_LOG": "off"})
+    assert server.get_json("/healthz") == {"status": "ok"}
+    assert server.stop() == 0
+    assert server.stdout_lines == []
+
+
+def test_log_level_warning_hides_info_lines(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(SERVER),
+            "--dir",
+            str(tmp_path / "absent"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": os.environ["PATH"], "LOG_LEVEL": "WARNING"},
+    )
+    try:
+
+        def accepts():
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), 1),
+            ):
+                return True
+            return False
+
+        assert wait_until(accepts)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert stdout == ""
+    assert stderr.endswith("WARNING not ready: the directory does not exist\n")
+    assert stderr.count("\n") == 1
 
 
 def test_access_log_is_one_json_line_per_request(server):
