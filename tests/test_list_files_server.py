@@ -1164,3 +1164,21 @@ def test_validation_against_the_spec_catches_a_wrong_body(server):
             {"Content-Type": "application/json", "Cache-Control": "no-cache"},
             b'{"files": []}',
         )
+
+
+def test_help_and_version_exit_0():
+    for flag, start in (
+        ("--help", "usage: list_files_server.py"),
+        ("--version", "list_files_server.py 1.0.0"),
+    ):
+        result = subprocess.run(
+            [sys.executable, str(SERVER), flag],
+            capture_output=True,
+            text=True,
+            env={"PATH": os.environ["PATH"]},
+            timeout=20,
+            check=False,
+        )
+        assert result.returncode == 0
+        assert result.stdout.startswith(start)
+        assert result.stderr == ""
