@@ -55,6 +55,10 @@
 # and ._/:@+,%~- is written in double quotes; inside, " and \ are
 # backslash-escaped and every byte outside printable ASCII is \xHH.
 #
+# Limitations: a file that appears by link(2) alone (ln, O_TMPFILE) gets
+# no close event and waits for the next scan; subdirectories are not
+# moved; across mounts, extended attributes and ACLs are not copied.
+#
 # Exit codes: 0 stopped by SIGTERM/SIGINT/SIGHUP; 1 the watched or the
 # destination directory disappeared or became unusable, or inotifywait
 # died; 2 usage error; 3 bad configuration at start-up (missing or

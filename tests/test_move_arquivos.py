@@ -765,6 +765,26 @@ def test_a_restart_finishes_what_a_killed_copy_left(layout, request, movers):
     ]
 
 
+def test_a_copy_across_file_systems_keeps_owner_mode_and_times(
+    tmpfs_dest, movers
+):
+    src, dest = tmpfs_dest
+    mover = movers(src, dest)
+    mover.wait_started()
+    staging = src / "staging.tmp"
+    staging.write_text("owned")
+    os.chown(staging, 1234, 5678)
+    staging.chmod(0o640)
+    os.utime(staging, (1_000_000_000, 1_000_000_000))
+    staging.rename(src / "owned.txt")
+    mover.wait_moved("owned.txt")
+    info = (dest / "owned.txt").stat()
+    assert (info.st_uid, info.st_gid) == (1234, 5678)
+    assert stat.S_IMODE(info.st_mode) == 0o640
+    assert info.st_mtime == 1_000_000_000
+    assert (dest / "owned.txt").read_text() == "owned"
+
+
 def test_no_partial_file_under_its_final_name_across_file_systems(
     tmpfs_dest, movers
 ):
