@@ -378,11 +378,11 @@ class Settings:
             mode = path.stat().st_mode
             raw = path.read_text(encoding="utf-8")
         except (OSError, UnicodeError) as error:
-            reason = error.strerror if isinstance(error, OSError) else error
+            reason = getattr(error, "strerror", None) or "not UTF-8 text"
             raise ConfigError(
                 f"{source}: cannot read the file ({reason})"
             ) from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
             event(
                 "secret_file_permissions",
                 logging.WARNING,
