@@ -49,12 +49,14 @@ Limitations:
 """
 
 import argparse
+import hashlib
 import http.client
 import json
 import logging
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -882,6 +884,8 @@ def print_report(report):
     lines = [
         f"## list_files_server.py benchmark, {report['date']}",
         "",
+        describe_server(report["project_server"]) + ".",
+        "",
         f"{report['machine']['cpus']} CPUs, {report['machine']['kernel']},"
         f" Python {report['machine']['python']}, "
         f"{report['machine']['nginx']}, {report['machine']['wrk']}; "
@@ -1116,8 +1120,53 @@ def start_servers(args, directory, workdir, running):
     return servers
 
 
-def benchmark(args, running):
+def snapshot_server(script, run_dir):
+    """Copy the project server for this run; describe its version.
+
+    The author may edit the file while a long run goes on; every data
+    set runs the copy taken at the start, so one run measures one
+    version.
+    """
+    copy = run_dir / script.name
+    shutil.copy2(script, copy)
+    content = copy.read_bytes()
+
+    def git(*argv):
+        return subprocess.run(
+            ["git", "-C", str(script.parent), *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    last = git("log", "-1", "--format=%h %cI", "--", script.name)
+    dirty = git("diff", "--quiet", "HEAD", "--", script.name).returncode
+    info = {
+        "path": str(script),
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "last_commit": last.stdout.strip() or "not in git",
+        "uncommitted_changes": dirty != 0,
+    }
+    return copy, info
+
+
+def describe_server(info):
+    if info is None:
+        return "project server not run"
+    text = f"list_files_server.py at {info['last_commit'].split()[0]}"
+    if info["uncommitted_changes"]:
+        text += " plus uncommitted changes"
+    return f"{text} (sha256 {info['sha256'][:12]})"
+
+
+def benchmark(args, running, run_dir):
+    project_info = None
+    if "project" in args.servers:
+        args.server, project_info = snapshot_server(args.server, run_dir)
+        log.info("measuring %s", describe_server(project_info))
     report = {
+        "project_server": project_info,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine_info(args),
         "settings": {
@@ -1196,7 +1245,8 @@ def main(argv=None) -> int:
     running = []
     try:
         check_tools(args)
-        report = benchmark(args, running)
+        with tempfile.TemporaryDirectory(prefix="list-bench-") as run_dir:
+            report = benchmark(args, running, Path(run_dir))
     except BenchError as error:
         log.error("error: %s", error)
         return 1
