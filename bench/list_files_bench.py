@@ -13,7 +13,8 @@ The servers, each listing the same flat directory of N files:
   configuration generated from bench/nginx.conf.template;
 - bench/naive_list_server.py, a ThreadingHTTPServer that rescans the
   directory on every request;
-- the project's list_files_server.py at its defaults.
+- the project's list_files_server.py at its defaults, run from a copy
+  taken when the run starts (its commit and hash go into the report).
 
 For a data set small enough to come back in one response (up to
 --max-entries, the project server's default maximum per response), each
