@@ -38,9 +38,9 @@ configuration: the server starts and /readyz reports it.
 
 Freshness: a listing shows every change to the directory's entries
 (created, removed, renamed) that completed before the request started.
-The size and mtime of an entry are at most max(STAT_TTL, ten times the
-directory's last stat pass) old, twice that for a request arriving while
-another one refreshes them. docs/list_files_server.md explains the cache.
+The size and mtime of an entry are at most twice max(STAT_TTL, ten times
+the directory's last stat pass) old; docs/list_files_server.md explains
+the cache.
 
 Limitations:
 - Symlinks are listed, never followed: /files/<link> is 404 even when the
@@ -485,11 +485,16 @@ class ListingCache:
             return snapshot
         with self.lock:
             key_lock = self.key_locks.setdefault(key, threading.Lock())
-        if key_lock.locked() and self.usable(
-            snapshot, identity, request_started, ttls=2
-        ):
-            # only the entry stats are old, and another request is
-            # re-reading them: answer from the previous ones meanwhile
+        if self.usable(snapshot, identity, request_started, ttls=2):
+            # only the entry stats are old: re-read them in the
+            # background and answer from the previous ones meanwhile
+            if key_lock.acquire(blocking=False):
+                threading.Thread(
+                    target=self.refresh_in_background,
+                    args=(key, os.dup(fd), key_lock, snapshot),
+                    name="stat-refresh",
+                    daemon=True,
+                ).start()
             return snapshot
         with key_lock:
             snapshot = self.snapshots.get(key)
@@ -508,6 +513,18 @@ class ListingCache:
                 fresh = self.scan(fd)
             self.store(key, fresh)
             return fresh
+
+    def refresh_in_background(self, key, fd, key_lock, snapshot):
+        """Thread body: refresh_stats() for get(); owns fd and the lock."""
+        try:
+            fresh = self.refresh_stats(snapshot, fd)
+            if fresh is not None and self.snapshots.get(key) is snapshot:
+                self.store(key, fresh)
+        except OSError as error:
+            LOG.debug("stat refresh failed: %s", error.strerror)
+        finally:
+            os.close(fd)
+            key_lock.release()
 
     def entries_valid(self, snapshot, identity, request_started):
         if snapshot is None or snapshot.identity != identity:

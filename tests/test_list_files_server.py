@@ -784,13 +784,40 @@ def test_a_change_right_after_a_listing_shows_in_the_next(
     connection.close()
 
 
-def test_size_and_mtime_follow_the_stat_ttl(start_server, tmp_path):
+def test_size_and_mtime_are_re_read_after_twice_the_stat_ttl(
+    start_server, tmp_path
+):
     target = tmp_path / "growing"
     target.write_bytes(b"1")
-    server = start_server(tmp_path, "--stat-ttl", "0")
+    server = start_server(tmp_path, "--stat-ttl", "0.2")
     assert server.get_json("/files")["files"][0]["size"] == 1
     target.write_bytes(b"12345")
-    assert server.get_json("/files")["files"][0]["size"] == 5
+    os.utime(target, ns=(10**18, 10**18))
+    time.sleep(1)  # more than twice the TTL: the next answer is fresh
+    entry = server.get_json("/files")["files"][0]
+    assert (entry["size"], entry["mtime"]) == (
+        5,
+        "2001-09-09T01:46:40.000000Z",
+    )
+
+
+def test_size_and_mtime_within_the_stat_ttl_come_from_the_cache(
+    start_server, tmp_path
+):
+    target = tmp_path / "growing"
+    target.write_bytes(b"1")
+    # an old directory mtime: the scan is not "racy" and is reused
+    os.utime(tmp_path, ns=(10**18, 10**18))
+    server = start_server(tmp_path, "--stat-ttl", "600")
+    assert server.get_json("/files")["files"][0]["size"] == 1
+    target.write_bytes(b"12345")
+    assert server.get_json("/files")["files"][0]["size"] == 1
+    (tmp_path / "new").touch()
+    files = server.get_json("/files")["files"]
+    assert [(e["name"], e["size"]) for e in files] == [
+        ("growing", 5),
+        ("new", 0),
+    ]
 
 
 # -------------------------------------------------------- HTTP features
