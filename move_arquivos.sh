@@ -110,6 +110,9 @@ batch=()
 declare -A batch_seen=()
 # Subdirectories and special files already logged once.
 declare -A reported=()
+# Names this process renamed back into SRC_DIR after a failure: their
+# moved_to event is its own, not news (1 = one event to swallow).
+declare -A own_renames=()
 
 moved_total=0
 renamed_total=0
@@ -195,7 +198,6 @@ check_configuration() {
   done
   (( METRICS_INTERVAL_SECONDS > 0 )) \
     || die 3 config "METRICS_INTERVAL_SECONDS must be at least 1"
-
 
   command -v inotifywait >/dev/null \
     || die 3 config "inotifywait not found (install inotify-tools)"
@@ -341,10 +343,7 @@ flush_batch() {
   local -a movable=()
   for name in "${batch[@]}"; do
     path="${SRC_DIR}/${name}"
-    # is_ignored, inline: this runs once per file.
-    # shellcheck disable=SC2053  # the right side is the glob
-    if [[ "${name}" == "${OWN_PREFIX}"* \
-      || ( -n "${IGNORE_GLOB}" && "${name}" == ${IGNORE_GLOB} ) ]]; then
+    if is_ignored "${name}"; then
       continue
     elif [[ -L "${path}" || -f "${path}" ]]; then
       movable+=("${name}")
@@ -560,7 +559,6 @@ copy_files() {
   fi
   (( ${#claimed[@]} > 0 )) || return 0
   stage_files "${claimed[@]}"
-  (( ${#staged[@]} > 0 )) || return 0
 
   # One ln for the regular files; -ef follows symbolic links, so those
   # are linked one by one and judged by ln's status.
@@ -600,12 +598,15 @@ copy_files() {
 
 # unclaim NAME: a claimed file that could not be delivered goes back to
 # SRC_DIR (unless that name was taken meanwhile) and its copy is dropped.
+# It is tried again on its next event from a writer, scan or start.
 unclaim() {
   rm -f -- "${staging_dir}/$1"
   mv -n -T -- "${claim_dir}/$1" "${SRC_DIR}/$1" 2>/dev/null || true
   if exists "${claim_dir}/$1"; then
     log_error op unclaim src "${SRC_DIR}/$1" \
       msg "left in ${claim_dir}; retried at next start"
+  else
+    own_renames[$1]=1
   fi
 }
 
@@ -789,10 +790,13 @@ on_overflow() {
 handle_record() {
   local events="${1%% *}" name="${1#* }"
   case "${events}" in
-    CLOSE_WRITE,CLOSE | MOVED_TO)
-      if [[ -z "${batch_seen[${name}]+x}" ]]; then
-        batch_seen[${name}]=1
-        batch+=("${name}")
+    CLOSE_WRITE,CLOSE) add_to_batch "${name}" ;;
+    MOVED_TO)
+      # A failed file put back must wait for news, or it would loop.
+      if [[ "${own_renames[${name}]:-0}" == 1 ]]; then
+        own_renames[${name}]=0
+      else
+        add_to_batch "${name}"
       fi
       ;;
     CREATE)

@@ -785,6 +785,51 @@ def test_a_copy_across_file_systems_keeps_owner_mode_and_times(
     assert (dest / "owned.txt").read_text() == "owned"
 
 
+def test_a_file_that_cannot_be_copied_stays_and_is_logged(tmp_path, movers):
+    require_root()
+    src, dest = tmp_path / "origem", tmp_path / "destino"
+    src.mkdir()
+    dest.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(dest)],
+        check=True,
+    )
+    try:
+        mover = movers(src, dest)
+        mover.wait_started()
+        (src / "too-big.bin").write_bytes(b"z" * (2 * 1024 * 1024))
+        wait_errors(mover, 1)
+        (src / "small.txt").write_text("small")
+        mover.wait_moved("small.txt")
+        mover.sentinel()
+        # Put back once, not retried in a loop: one attempt, one line.
+        errors = wait_errors(mover, 1)
+        assert len(errors) == 1
+        assert (src / "too-big.bin").read_bytes() == b"z" * (2 * 1024 * 1024)
+        assert not (dest / "too-big.bin").exists()
+        wait_hidden_empty(src, dest)
+        assert errors[0]["op"] == b"copy"
+        assert errors[0]["src"] == bytes(src / "too-big.bin")
+        assert b"No space left on device" in errors[0]["msg"]
+        assert mover.process.poll() is None
+    finally:
+        subprocess.run(["umount", "-l", str(dest)], check=True)
+
+
+def wait_errors(mover, count):
+    """The first `count` event=error lines of stderr, once written."""
+
+    def found():
+        return [
+            parse_line(line)
+            for line in mover.stderr().splitlines()
+            if line.startswith(b"event=error ")
+        ]
+
+    wait_for(lambda: len(found()) >= count, f"{count} error lines")
+    return found()
+
+
 def test_no_partial_file_under_its_final_name_across_file_systems(
     tmpfs_dest, movers
 ):
@@ -920,9 +965,12 @@ def test_idle_mover_uses_no_cpu(dirs, movers, tmp_path):
     session = mover.process.pid
 
     def settled():
+        """Blocked in a read(2) on the event pipe, without a timeout
+        (that would be a poll), and nothing else changing."""
+        wchan = Path(f"/proc/{session}/wchan").read_text()
         first = session_activity(session)
         time.sleep(0.5)
-        return session_activity(session) == first
+        return "pipe_read" in wchan and session_activity(session) == first
 
     # The last metrics write may still be finishing (reaping its mv).
     wait_for(settled, "the mover to settle")
