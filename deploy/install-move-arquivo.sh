@@ -7,7 +7,8 @@
 # Does the README's manual steps in one go; safe to run again at any time
 # (it converges to the same files):
 #   1. copies move_arquivos.sh to /usr/local/bin (mode 0755) and both unit
-#      files to /etc/systemd/system (mode 0644);
+#      files to /etc/systemd/system (mode 0644), with the OnFailure= hook
+#      they name (notify-failure.sh, notify-failure@.service);
 #   2. with --src or --dest, writes the environment file and a drop-in
 #      that makes those two directories writable for the unit;
 #   3. creates the two directories if missing;
@@ -44,6 +45,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO
 readonly SCRIPT=move_arquivos.sh
 readonly UNITS=(move_arquivo.service "move_arquivo@.service")
+readonly HOOK_SCRIPT=deploy/notify-failure.sh
+readonly HOOK_UNIT="systemd/notify-failure@.service"
 
 err() {
   printf 'install-move-arquivo: %s\n' "$*" >&2
@@ -121,10 +124,12 @@ main() {
   local drop_in="${root}/etc/systemd/system/${unit}.d/directories.conf"
 
   install -D -m 0755 -- "${REPO}/${SCRIPT}" "${root}/usr/local/bin/${SCRIPT}"
+  install -D -m 0755 -- "${REPO}/${HOOK_SCRIPT}" \
+    "${root}/usr/local/bin/${HOOK_SCRIPT##*/}"
   local file
-  for file in "${UNITS[@]}"; do
+  for file in "${UNITS[@]}" "${HOOK_UNIT}"; do
     install -D -m 0644 -- "${REPO}/${file}" \
-      "${root}/etc/systemd/system/${file}"
+      "${root}/etc/systemd/system/${file##*/}"
   done
 
   if [[ -n "${src}" || -n "${dest}" ]]; then

@@ -1069,7 +1069,7 @@ def test_units_keep_the_installation_contract():
         assert settings["WantedBy"] == ["multi-user.target"]
         assert settings["ProtectSystem"] == ["strict"]
         assert "Documentation" in settings
-        assert "OnFailure" not in settings
+        assert settings["OnFailure"] == ["notify-failure@%n.service"]
     assert plain["EnvironmentFile"] == ["-/etc/move_arquivo/move_arquivo.env"]
     assert plain["ReadWritePaths"] == ["/opt/dir_origem /opt/dir_destino"]
     assert template["EnvironmentFile"] == ["-/etc/move_arquivo/%i.env"]
