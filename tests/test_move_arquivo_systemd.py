@@ -28,13 +28,15 @@ Limitations:
 """
 
 import hashlib
+import io
 import shlex
 import subprocess
+import tarfile
 import time
 import uuid
 
 import pytest
-from support import REPO_ROOT, ensure_base_image, require_docker
+from support import REPO_ROOT, ensure_base_image, require, require_docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.systemd]
 
@@ -236,15 +238,30 @@ systemctl enable move_arquivo
 systemctl start move_arquivo
 """
 CHECKOUT = "/root/listar-arquivos"
-INSTALLER_IN_CHECKOUT = f"{CHECKOUT}/deploy/install-move-arquivo.sh"
+INSTALLER_IN_CHECKOUT = f"{CHECKOUT}/{INSTALLER.relative_to(REPO_ROOT)}"
+
+
+def checkout_tar():
+    """This working tree as a tar: tracked and untracked, not ignored."""
+    listed = subprocess.run(
+        [require("git"), "ls-files", "-z", "-co", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    )
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name in sorted(set(listed.stdout.decode().split("\0"))):
+            path = REPO_ROOT / name
+            if name and path.is_file():
+                archive.add(path, arcname=name, recursive=False)
+    return buffer.getvalue()
 
 
 def copy_checkout(box):
-    """The mover's files at their places in a checkout in the container."""
-    for path in (SCRIPT, UNIT, TEMPLATE, INSTALLER):
-        relative = path.relative_to(REPO_ROOT)
-        box.exec("mkdir", "-p", f"{CHECKOUT}/{relative.parent}")
-        box.copy_in(path, f"{CHECKOUT}/{relative}")
+    """The checkout, as it is now, at CHECKOUT in the container."""
+    box.exec("mkdir", "-p", CHECKOUT)
+    box.exec("tar", "-x", "-C", CHECKOUT, stdin=checkout_tar())
 
 
 def install_by_readme(box):
