@@ -7,7 +7,7 @@
 #
 # Docker clients before 23.0 refuse the relative "./dados": give them
 # "$PWD/dados". The server uses the standard library only, so the image
-# is its base plus one file. docs/container.md has the hardened run
+# is its base plus one file. README.md has the hardened run
 # flags, the health check and how to build without a registry.
 
 # Python is chosen at build time: --build-arg PYTHON_VERSION=3.12.

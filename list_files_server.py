@@ -39,7 +39,7 @@ configuration: the server starts and /readyz reports it.
 Freshness: a listing shows every change to the directory's entries
 (created, removed, renamed) that completed before the request started.
 The size and mtime of an entry are at most twice max(STAT_TTL, ten times
-the directory's last stat pass) old; docs/list_files_server.md explains
+the directory's last stat pass) old; README.md ("Freshness") explains
 the cache.
 
 Limitations:

@@ -49,6 +49,7 @@ LABEL = "move-arquivo-systemd-test"
 
 SCRIPT = REPO_ROOT / "move_arquivos.sh"
 UNIT = REPO_ROOT / "move_arquivo.service"
+README = REPO_ROOT / "README.md"
 TEMPLATE = REPO_ROOT / "move_arquivo@.service"
 INSTALLER = REPO_ROOT / "deploy/install-move-arquivo.sh"
 
@@ -239,6 +240,13 @@ systemctl start move_arquivo
 """
 CHECKOUT = "/root/listar-arquivos"
 INSTALLER_IN_CHECKOUT = f"{CHECKOUT}/{INSTALLER.relative_to(REPO_ROOT)}"
+
+
+def test_readme_gives_these_manual_steps_word_for_word():
+    readme = [line.strip() for line in README.read_text().splitlines()]
+    steps = README_STEPS.strip().splitlines()
+    starts = [i for i, line in enumerate(readme) if line == steps[0]]
+    assert any(readme[i : i + len(steps)] == steps for i in starts)
 
 
 def checkout_tar():

@@ -1507,7 +1507,7 @@ def fake_oracle_program(script, settings=FAKE_SETTINGS_FROM_ENV):
 
 
 def install_as_documented(box, ca_file, smtp_host, smtp_port):
-    """docs/oracle_seq_mail.md's steps, with the venv's oracledb."""
+    """The README's steps, with the venv's oracledb."""
     package = Path(oracledb.__file__).parent
     box.copy_in(package, f"{SITE_PACKAGES}/oracledb")
     box.copy_in(
