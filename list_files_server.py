@@ -1037,13 +1037,14 @@ class Histogram:
 class Metrics:
     """Counters for /metrics; every method is safe from any thread."""
 
-    def __init__(self, max_connections):
+    def __init__(self, max_connections, max_entries):
         self.lock = threading.Lock()
         self.requests = {}
         self.durations = {}
         self.in_flight = 0
         self.connections_open = 0
         self.max_connections = max_connections
+        self.max_entries = max_entries
         self.refused = 0
         self.scan = Histogram(SCAN_BUCKETS)
         self.last_entries = 0
@@ -1140,6 +1141,11 @@ class Metrics:
                     "list_files_last_listing_entries",
                     "Entries in the directory of the last listing served.",
                     self.last_entries,
+                ),
+                (
+                    "list_files_page_entries_max",
+                    "Configured maximum of entries per response.",
+                    self.max_entries,
                 ),
                 (
                     "list_files_directory_ready",
@@ -1297,7 +1303,7 @@ class ListFilesServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, config):
         self.config = config
-        self.metrics = Metrics(config.max_connections)
+        self.metrics = Metrics(config.max_connections, config.max_entries)
         self.listings = ListingCache(config.stat_ttl, self.metrics)
         self.bodies = BodyCache(config.cache_mb * 1024 * 1024)
         self.connections = {}

@@ -1143,6 +1143,8 @@ def test_metrics_pass_promtool_and_carry_the_monitoring_signals(server):
     ):
         assert needle in text
     assert metric_value(text, "list_files_http_requests_in_flight") >= 1
+    assert metric_value(text, "list_files_page_entries_max") == 100_000
+    assert metric_value(text, "list_files_http_connections_max") == 64
     for name in (
         "process_start_time_seconds",
         "process_open_fds",
@@ -1152,6 +1154,31 @@ def test_metrics_pass_promtool_and_carry_the_monitoring_signals(server):
         assert metric_value(text, name) > 0
     started = metric_value(text, "process_start_time_seconds")
     assert abs(started - time.time()) < 600
+
+
+def test_metrics_carry_the_configured_entry_and_connection_limits(
+    start_server, files
+):
+    server = start_server(
+        files, "--max-entries", "5000", "--max-connections", "3"
+    )
+    status, _, body = server.request("/metrics")
+    assert status == 200
+    text = body.decode()
+    for name, help_text, value in (
+        (
+            "list_files_page_entries_max",
+            "Configured maximum of entries per response.",
+            5000.0,
+        ),
+        (
+            "list_files_http_connections_max",
+            "Configured maximum of open connections.",
+            3.0,
+        ),
+    ):
+        assert f"# HELP {name} {help_text}\n# TYPE {name} gauge\n" in text
+        assert metric_value(text, name) == value
 
 
 def test_openapi_document_is_valid_openapi_3_1(server):
