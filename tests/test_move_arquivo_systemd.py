@@ -8,9 +8,9 @@ through systemctl, kill -9 and a container reboot.
 Usage:
     tests/run.sh tests/test_move_arquivo_systemd.py
 
-The image is built once from Debian packages (deploy/build-base-image.sh,
-about 40 s); its tag carries a hash of the package list, so changing
-the list builds a new one. Every container is removed on teardown.
+The image is the one tests/systemd_container.py builds for every
+systemd test (session fixture `systemd_image`, about 40 s when cold).
+Every container is removed on teardown.
 
 Environment:
     CI=true   a missing docker or mmdebstrap fails instead of skipping
@@ -27,25 +27,16 @@ Limitations:
   again in the same root file system; the kernel is not restarted.
 """
 
-import hashlib
 import io
-import shlex
 import subprocess
 import tarfile
-import time
 import uuid
 
 import pytest
-from support import REPO_ROOT, ensure_base_image, require, require_docker
+from support import REPO_ROOT, require, require_docker
+from systemd_container import SystemdContainer, booted, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.systemd]
-
-IMAGE_PACKAGES = ("systemd", "systemd-sysv", "inotify-tools")
-IMAGE_TAG = (
-    "move-arquivo-systemd:"
-    + hashlib.sha256(" ".join(IMAGE_PACKAGES).encode()).hexdigest()[:12]
-)
-LABEL = "move-arquivo-systemd-test"
 
 SCRIPT = REPO_ROOT / "move_arquivos.sh"
 UNIT = REPO_ROOT / "move_arquivo.service"
@@ -59,173 +50,17 @@ INSTALLED_TEMPLATE = "/etc/systemd/system/move_arquivo@.service"
 SRC = "/opt/dir_origem"
 DEST = "/opt/dir_destino"
 
-# Generous: the host is shared and its CPU is noisy. These are deadlines
-# for waiting, never measurements.
-BOOT_DEADLINE = 120
-STATE_DEADLINE = 60
 
+class MoverContainer(SystemdContainer):
+    """The shared systemd container, named after this module."""
 
-def wait_until(probe, what, deadline=STATE_DEADLINE):
-    """Call `probe` until it returns a true value; return that value."""
-    give_up = time.monotonic() + deadline
-    last = None
-    while time.monotonic() < give_up:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"gave up after {deadline} s waiting for {what}")
-
-
-class SystemdContainer:
-    """A container whose PID 1 is systemd; the fixture removes it."""
-
-    def __init__(self, docker, image):
-        self.docker = docker
-        self.image = image
-        self.name = f"{LABEL}-{uuid.uuid4().hex[:12]}"
-
-    def docker_cmd(self, *args, check=True, stdin=None):
-        result = subprocess.run(
-            [self.docker, *args],
-            input=stdin,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"docker {shlex.join(args)} exited {result.returncode}: "
-                f"{result.stderr.decode(errors='replace')}"
-            )
-        return result
-
-    def boot(self):
-        self.docker_cmd(
-            "run",
-            "--detach",
-            "--name",
-            self.name,
-            "--label",
-            LABEL,
-            "--cap-add",
-            "SYS_ADMIN",
-            "--cgroupns=host",
-            "--volume",
-            "/sys/fs/cgroup:/sys/fs/cgroup:rw",
-            "--tmpfs",
-            "/run",
-            "--tmpfs",
-            "/run/lock",
-            "--stop-signal",
-            "SIGRTMIN+3",
-            self.image,
-            "/sbin/init",
-        )
-        self.wait_booted()
-
-    def wait_booted(self):
-        """Wait for the boot to finish; it must end with no failed unit."""
-
-        def finished():
-            state = self.sh("systemctl is-system-running", check=False)
-            return state if state in {"running", "degraded"} else None
-
-        state = wait_until(finished, "systemd to boot", BOOT_DEADLINE)
-        failed = self.sh("systemctl --failed --no-legend", check=False)
-        assert state == "running", f"boot ended {state}: {failed}"
-
-    def remove(self):
-        self.docker_cmd("rm", "--force", "--volumes", self.name, check=False)
-
-    def exec(self, *argv, check=True, stdin=None):
-        """Run argv in the container; return the completed process."""
-        args = ["exec"] + (["--interactive"] if stdin is not None else [])
-        return self.docker_cmd(
-            *args, self.name, *argv, check=check, stdin=stdin
-        )
-
-    def sh(self, script, check=True):
-        """Run a bash script in the container; return its stdout, stripped."""
-        result = self.exec("bash", "-c", script, check=check)
-        return result.stdout.decode(errors="replace").strip()
-
-    def copy_in(self, host_path, container_path):
-        self.docker_cmd("cp", str(host_path), f"{self.name}:{container_path}")
-
-    def write(self, path, content):
-        self.exec("bash", "-c", 'cat > "$1"', "-", path, stdin=content)
-
-    def read(self, path):
-        return self.exec("cat", path).stdout
-
-    def exists(self, path):
-        return self.exec("test", "-e", path, check=False).returncode == 0
-
-    def show(self, unit, *properties):
-        """`systemctl show -p` of `unit` as a dict."""
-        text = self.sh(
-            f"systemctl show {shlex.quote(unit)} "
-            + " ".join(f"-p {p}" for p in properties)
-        )
-        return dict(line.split("=", 1) for line in text.splitlines())
-
-    def stop(self):
-        """Stop the container, letting systemd shut down; return exit code."""
-        self.docker_cmd("stop", "--time", "60", self.name)
-        code = self.docker_cmd(
-            "inspect", "--format", "{{.State.ExitCode}}", self.name
-        )
-        return int(code.stdout)
-
-    def start(self):
-        self.docker_cmd("start", self.name)
-        self.wait_booted()
-
-    def journal(self, unit):
-        return self.sh(f"journalctl --no-pager -o cat -u {shlex.quote(unit)}")
-
-    def wait_active(self, unit):
-        def active():
-            state = self.show(unit, "ActiveState", "SubState")
-            return state if state["ActiveState"] == "active" else None
-
-        return wait_until(active, f"{unit} to be active")
-
-    def files_in(self, directory):
-        """Sorted paths of everything but directories below `directory`.
-
-        The mover keeps its own hidden working directories (.move_arquivo.*)
-        in both directories; they count only if something is left in them.
-        """
-        quoted = shlex.quote(directory)
-        listing = self.sh(
-            f"find {quoted} -mindepth 1 ! -type d -printf '%P\\n'"
-        )
-        return sorted(listing.splitlines())
-
-    def wait_moved(self, src, dest):
-        """Wait until `src` is gone and `dest` exists."""
-        wait_until(
-            lambda: self.exists(dest) and not self.exists(src),
-            f"{src} to be moved to {dest}",
-        )
-
-
-@pytest.fixture(scope="module")
-def systemd_image():
-    require_docker()
-    return ensure_base_image(IMAGE_TAG, *IMAGE_PACKAGES)
+    label = "move-arquivo-systemd-test"
 
 
 @pytest.fixture
 def box(systemd_image):
-    container = SystemdContainer(require_docker(), systemd_image)
-    try:
-        container.boot()
-        yield container
-    finally:
-        container.remove()
+    with booted(MoverContainer(require_docker(), systemd_image)) as box:
+        yield box
 
 
 # The original challenge's manual steps, word for word as the README

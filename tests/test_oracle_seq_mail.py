@@ -13,7 +13,6 @@ whose PID 1 is systemd, the shipped units with their sandbox.
 import base64
 import email
 import email.policy
-import hashlib
 import inspect
 import json
 import os
@@ -32,13 +31,8 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from support import (
-    REPO_ROOT,
-    ensure_base_image,
-    require,
-    require_docker,
-    unit_exposure,
-)
+from support import REPO_ROOT, require, require_docker, unit_exposure
+from systemd_container import SystemdContainer, booted
 
 SCRIPT = REPO_ROOT / "oracle_seq_mail.py"
 SERVICE = REPO_ROOT / "oracle_seq_mail.service"
@@ -1375,110 +1369,21 @@ def test_service_takes_secrets_as_credentials_not_environment():
 
 # --------------------------------------------------- under a real systemd
 
-SYSTEMD_PACKAGES = ("systemd", "systemd-sysv", "python3-cryptography")
-SYSTEMD_IMAGE = (
-    "oracle-seq-mail-systemd:"
-    + (hashlib.sha256(" ".join(SYSTEMD_PACKAGES).encode()).hexdigest()[:12])
-)
-SYSTEMD_LABEL = "oracle-seq-mail-systemd-test"
 SITE_PACKAGES = "/usr/local/lib/python3.11/dist-packages"
 TEXTFILES = "/var/lib/prometheus/node-exporter"
-BOOT_DEADLINE = 120
 
 
-class SystemdBox:
-    """A container whose PID 1 is systemd; removed by the fixture."""
+class OracleSystemdBox(SystemdContainer):
+    """The shared systemd container, named after this module."""
 
-    def __init__(self, docker, image):
-        self.docker = docker
-        self.image = image
-        self.name = f"{SYSTEMD_LABEL}-{os.getpid()}-{time.monotonic_ns()}"
-
-    def docker_run(self, *args, check=True, stdin=None):
-        result = subprocess.run(
-            [self.docker, *args],
-            input=stdin,
-            capture_output=True,
-            timeout=180,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"docker {args[0]} exited {result.returncode}: "
-                f"{result.stderr.decode(errors='replace')}"
-            )
-        return result
-
-    def boot(self):
-        self.docker_run(
-            "run",
-            "--detach",
-            "--name",
-            self.name,
-            "--label",
-            SYSTEMD_LABEL,
-            "--cap-add",
-            "SYS_ADMIN",
-            "--cgroupns=host",
-            "--volume",
-            "/sys/fs/cgroup:/sys/fs/cgroup:rw",
-            "--tmpfs",
-            "/run",
-            "--tmpfs",
-            "/run/lock",
-            "--stop-signal",
-            "SIGRTMIN+3",
-            self.image,
-            "/sbin/init",
-        )
-        give_up = time.monotonic() + BOOT_DEADLINE
-        state = ""
-        while time.monotonic() < give_up:
-            state = self.sh("systemctl is-system-running", check=False)
-            if state in {"running", "degraded"}:
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"systemd did not boot: {state}")
-
-    def sh(self, script, check=True, stdin=None):
-        """Run a bash script in the container; its stdout, stripped."""
-        argv = ["exec"] + (["--interactive"] if stdin is not None else [])
-        result = self.docker_run(
-            *argv, self.name, "bash", "-c", script, check=check, stdin=stdin
-        )
-        return result.stdout.decode(errors="replace").strip()
-
-    def write(self, path, content, mode="0644"):
-        data = content.encode() if isinstance(content, str) else content
-        self.sh(f"install -D -m {mode} /dev/stdin {path}", stdin=data)
-
-    def copy_in(self, host_path, container_path):
-        self.docker_run("cp", str(host_path), f"{self.name}:{container_path}")
-
-    def remove(self):
-        self.docker_run("rm", "--force", "--volumes", self.name, check=False)
+    label = "oracle-seq-mail-systemd-test"
+    command_timeout = 180
 
 
 @pytest.fixture
-def systemd_box():
-    docker = require_docker()
-    image = ensure_base_image(SYSTEMD_IMAGE, *SYSTEMD_PACKAGES)
-    box = SystemdBox(docker, image)
-    try:
-        box.boot()
+def systemd_box(systemd_image):
+    with booted(OracleSystemdBox(require_docker(), systemd_image)) as box:
         yield box
-    finally:
-        box.remove()
-
-
-def host_address(box):
-    """The host as the container sees it: its default gateway."""
-    result = box.docker_run(
-        "inspect", "--format", "{{.NetworkSettings.Gateway}}", box.name
-    )
-    address = result.stdout.decode().strip()
-    assert address, "the container has no gateway"
-    return address
 
 
 FAKE_SETTINGS_FROM_ENV = 'json.loads(os.environ["FAKE_ORACLE"])'
@@ -1515,16 +1420,18 @@ def install_as_documented(box, ca_file, smtp_host, smtp_port):
         f"{SITE_PACKAGES}/typing_extensions.py",
     )
     script = SCRIPT.read_text().split("\n", 1)[1]
-    box.write(
+    box.install(
         "/usr/local/bin/oracle_seq_mail.py",
         "#!/usr/bin/python3\n" + script,
         mode="0755",
     )
     box.sh("install -d -m 700 /etc/oracle_seq_mail")
-    box.write("/etc/oracle_seq_mail/db_password", DB_SECRET, mode="0600")
-    box.write("/etc/oracle_seq_mail/email_password", MAIL_SECRET, mode="0600")
-    box.write("/etc/ssl/oracle_seq_mail-ca.pem", Path(ca_file).read_text())
-    box.write(
+    box.install("/etc/oracle_seq_mail/db_password", DB_SECRET, mode="0600")
+    box.install(
+        "/etc/oracle_seq_mail/email_password", MAIL_SECRET, mode="0600"
+    )
+    box.install("/etc/ssl/oracle_seq_mail-ca.pem", Path(ca_file).read_text())
+    box.install(
         "/etc/oracle_seq_mail/oracle_seq_mail.env",
         "\n".join(
             [
@@ -1549,7 +1456,7 @@ def install_as_documented(box, ca_file, smtp_host, smtp_port):
         f"groupadd --system prometheus && install -d -m 2775 -g prometheus "
         f"{TEXTFILES}"
     )
-    box.write(
+    box.install(
         "/etc/systemd/system/oracle_seq_mail.service.d/metrics.conf",
         "[Service]\nSupplementaryGroups=prometheus\n",
     )
@@ -1579,9 +1486,9 @@ def credentials_reach_the_service(box):
 def pass_secrets_as_files(box):
     """Fallback drop-in: the same secrets through DB_PASSWORD_FILE etc."""
     box.sh("install -d -m 755 /etc/oracle_seq_mail-test")
-    box.write("/etc/oracle_seq_mail-test/db_password", DB_SECRET)
-    box.write("/etc/oracle_seq_mail-test/email_password", MAIL_SECRET)
-    box.write(
+    box.install("/etc/oracle_seq_mail-test/db_password", DB_SECRET)
+    box.install("/etc/oracle_seq_mail-test/email_password", MAIL_SECRET)
+    box.install(
         "/etc/systemd/system/oracle_seq_mail.service.d/no-credentials.conf",
         "[Service]\nLoadCredential=\n"
         "Environment=DB_PASSWORD_FILE=/etc/oracle_seq_mail-test/db_password\n"
@@ -1622,7 +1529,7 @@ def test_hardened_unit_reads_credentials_and_mails_under_systemd(
     systemd_box, ca, tmp_path
 ):
     box = systemd_box
-    gateway = host_address(box)
+    gateway = box.gateway()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(gateway).configure_cert(context)
     handler = RecordingHandler()
@@ -1648,7 +1555,7 @@ def test_hardened_unit_reads_credentials_and_mails_under_systemd(
         metrics_text = box.sh(f"cat {TEXTFILES}/oracle_seq_mail.prom")
         assert "oracle_seq_mail_last_exit_code 3.0" in metrics_text
 
-        box.write(
+        box.install(
             "/usr/local/bin/oracle_seq_mail_fake.py",
             fake_oracle_program(
                 "/usr/local/bin/oracle_seq_mail.py",
@@ -1658,7 +1565,7 @@ def test_hardened_unit_reads_credentials_and_mails_under_systemd(
             ),
             mode="0755",
         )
-        box.write(
+        box.install(
             "/etc/systemd/system/oracle_seq_mail.service.d/fake.conf",
             "[Service]\nExecStart=\n"
             "ExecStart=/usr/local/bin/oracle_seq_mail_fake.py\n",
