@@ -788,6 +788,20 @@ def test_tns_alias_is_shown_with_its_address(env, tmp_path):
 # ----------------------------------------- database, fake at the boundary
 
 
+# What a run does with its session: one SELECT, then nothing is left
+# open (no transaction, no cursor, no connection).
+ONE_SELECT_SESSION = [
+    "connect",
+    "set",
+    "cursor",
+    "execute",
+    "fetchone",
+    "cursor.close",
+    "rollback",
+    "close",
+]
+
+
 def test_sequence_mode_runs_one_select_with_binds_and_ends_the_session(
     env, fake_db
 ):
@@ -795,16 +809,7 @@ def test_sequence_mode_runs_one_select_with_binds_and_ends_the_session(
 
     assert result.returncode == 0, result.stderr
     log = calls(fake_db.log)
-    assert [c["call"] for c in log] == [
-        "connect",
-        "set",
-        "cursor",
-        "execute",
-        "fetchone",
-        "cursor.close",
-        "rollback",
-        "close",
-    ]
+    assert [c["call"] for c in log] == ONE_SELECT_SESSION
     connect = log[0]
     assert connect["user"] == "scott"
     assert connect["password"] == DB_SECRET
@@ -857,16 +862,7 @@ def test_control_table_mode_quotes_validated_identifiers(env, fake_db):
 
     assert result.returncode == 0, result.stderr
     log = calls(fake_db.log)
-    assert [c["call"] for c in log] == [
-        "connect",
-        "set",
-        "cursor",
-        "execute",
-        "fetchone",
-        "cursor.close",
-        "rollback",
-        "close",
-    ]
+    assert [c["call"] for c in log] == ONE_SELECT_SESSION
     assert log[3]["sql"] == (
         'SELECT TO_CHAR(MAX("LAST_ID")) FROM "BATCH"."Control Table"'
     )
