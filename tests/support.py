@@ -110,3 +110,16 @@ def unit_exposure(unit_path):
         if EXPOSURE_LINE in line:
             return float(line.split(":", 1)[1].split()[0])
     raise AssertionError(f"no exposure line in:\n{result.stdout}")
+
+
+def assert_promtool_accepts_metrics(text):
+    """Fail unless `promtool check metrics` accepts an exposition text."""
+    check = subprocess.run(
+        [require("promtool"), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr

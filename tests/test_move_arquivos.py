@@ -21,7 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
-from support import REPO_ROOT, require, require_root, unit_exposure
+from support import (
+    REPO_ROOT,
+    assert_promtool_accepts_metrics,
+    require,
+    require_root,
+    unit_exposure,
+)
 
 SCRIPT = REPO_ROOT / "move_arquivos.sh"
 INSTALLER = REPO_ROOT / "deploy/install-move-arquivo.sh"
@@ -1031,15 +1037,7 @@ def test_metrics_textfile_counts_moves_and_is_replaced_atomically(
     assert values[f"move_arquivo_waiting_files{label}"] == 1
     assert values[f"move_arquivo_last_move_timestamp_seconds{label}"] > 0
 
-    promtool = require("promtool")
-    check = subprocess.run(
-        [promtool, "check", "metrics"],
-        input=prom.read_text(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
+    assert_promtool_accepts_metrics(prom.read_text())
 
 
 # --- units and installer -----------------------------------------------
