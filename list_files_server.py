@@ -61,17 +61,20 @@ import json
 import logging
 import os
 import queue
+import select
 import selectors
 import signal
 import socket
 import socketserver
 import stat
+import struct
 import sys
 import threading
 import time
 import zlib
 from collections import OrderedDict
 from http import HTTPStatus
+from json.encoder import encode_basestring_ascii as json_string
 from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
 # http.server pulls in http.client, which imports ssl when it can. This
@@ -112,6 +115,12 @@ RACY_WINDOW_NS = 2_000_000_000
 GZIP_MIN_BYTES = 1024
 # A client must read a response at least this fast (bytes per second).
 MIN_SEND_RATE = 64 * 1024
+# a response under SMALL_SEND_BYTES is sent in one call that may take the
+# idle timeout plus SMALL_SEND_SECONDS; larger ones get a deadline that
+# grows with their size at MIN_SEND_RATE
+SMALL_SEND_BYTES = 65536
+SMALL_SEND_SECONDS = SMALL_SEND_BYTES / MIN_SEND_RATE
+TIMEVAL = struct.Struct("@ll")
 
 
 class ConfigError(Exception):
@@ -477,6 +486,23 @@ class ListingCache:
         self.key_locks = {}
         self.lock = threading.Lock()
 
+    def cached(self, key, path, request_started):
+        """The snapshot of `path` when it needs no new reading, else None.
+
+        Only for a path that no request can redirect (the root): a
+        mismatch sends the caller through get() and its descriptor walk.
+        """
+        snapshot = self.snapshots.get(key)
+        if snapshot is None:
+            return None
+        try:
+            identity = directory_identity(os.stat(path))
+        except OSError:
+            return None
+        if self.usable(snapshot, identity, request_started):
+            return snapshot
+        return None
+
     def get(self, key, fd, request_started):
         """Return a Snapshot of directory fd valid for this request."""
         snapshot = self.snapshots.get(key)
@@ -677,6 +703,31 @@ def parse_query(raw_query, max_entries, accept):
         raise HTTPError(400, "format must be json or text")
     query.format = fmt
     return query
+
+
+class QueryCache:
+    """parse_query() results by query string and Accept header.
+
+    Clients repeat a handful of queries; a Query is never changed after
+    parsing, so one instance serves every request that sent the same.
+    """
+
+    def __init__(self, max_entries, size=512):
+        self.max_entries = max_entries
+        self.size = size
+        self.parsed = {}
+
+    def parse(self, raw_query, accept):
+        key = (raw_query, accept)
+        query = self.parsed.get(key)
+        if query is None:
+            query = parse_query(raw_query, self.max_entries, accept)
+            if len(raw_query) + len(accept or "") > 512:
+                return query  # keep the cache small
+            if len(self.parsed) >= self.size:
+                self.parsed.clear()
+            self.parsed[key] = query
+        return query
 
 
 def prefers_text(accept):
@@ -1041,8 +1092,8 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests = {}
         self.durations = {}
-        self.in_flight = 0
-        self.connections_open = 0
+        # (open connections, requests in flight); the server replaces it
+        self.connection_counts = lambda: (0, 0)
         self.max_connections = max_connections
         self.max_entries = max_entries
         self.refused = 0
@@ -1071,6 +1122,7 @@ class Metrics:
     def render(self):
         """The exposition text, format 0.0.4."""
         out = []
+        connections_open, in_flight = self.connection_counts()
 
         def family(name, kind, help_text):
             out.append(f"# HELP {name} {help_text}")
@@ -1106,12 +1158,12 @@ class Metrics:
                 (
                     "list_files_http_requests_in_flight",
                     "Requests being answered now.",
-                    self.in_flight,
+                    in_flight,
                 ),
                 (
                     "list_files_http_connections_open",
                     "Client connections open now.",
-                    self.connections_open,
+                    connections_open,
                 ),
                 (
                     "list_files_http_connections_max",
@@ -1304,14 +1356,18 @@ class ListFilesServer(http.server.ThreadingHTTPServer):
     def __init__(self, config):
         self.config = config
         self.metrics = Metrics(config.max_connections, config.max_entries)
+        self.metrics.connection_counts = self.connection_counts
         self.listings = ListingCache(config.stat_ttl, self.metrics)
         self.bodies = BodyCache(config.cache_mb * 1024 * 1024)
+        self.queries = QueryCache(config.max_entries)
         self.connections = {}
         self.connections_lock = threading.Lock()
         self.all_closed = threading.Condition(self.connections_lock)
         self.stopping = False
         self.refused = RefusedConnections()
-        self.access_log = AccessLog(sys.stdout) if config.access_log else None
+        self.access_log = (
+            AccessLog(sys.stdout.fileno()) if config.access_log else None
+        )
         try:
             infos = socket.getaddrinfo(
                 config.host,
@@ -1341,7 +1397,6 @@ class ListFilesServer(http.server.ThreadingHTTPServer):
             full = len(self.connections) >= self.config.max_connections
             if not full and not self.stopping:
                 self.connections[request] = False
-                self.metrics.add("connections_open", 1)
         if self.stopping:
             self.shutdown_request(request)
         elif full:
@@ -1355,7 +1410,6 @@ class ListFilesServer(http.server.ThreadingHTTPServer):
         finally:
             with self.connections_lock:
                 self.connections.pop(request, None)
-                self.metrics.add("connections_open", -1)
                 self.all_closed.notify_all()
 
     def refuse(self, sock):
@@ -1369,6 +1423,11 @@ class ListFilesServer(http.server.ThreadingHTTPServer):
             sock.close()
             return
         self.refused.add(sock)
+
+    def connection_counts(self):
+        """(open connections, connections answering a request now)."""
+        with self.connections_lock:
+            return len(self.connections), sum(self.connections.values())
 
     def set_busy(self, sock, busy):
         """Handlers mark themselves busy while answering a request.
@@ -1409,6 +1468,11 @@ class ListFilesServer(http.server.ThreadingHTTPServer):
             LOG.warning("stopped with %d requests unfinished", unfinished)
 
 
+STATUS_LINES = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\nServer: list-files"
+    for s in HTTPStatus
+}
+
 REFUSED_BODY = error_body(503, "too many connections, retry later")
 REFUSED_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
@@ -1422,21 +1486,65 @@ REFUSED_RESPONSE = (
 )
 
 
+def set_kernel_timeout(sock, option, deadline):
+    """Arm SO_RCVTIMEO or SO_SNDTIMEO for the time left until deadline.
+
+    Handler sockets stay in blocking mode and the kernel enforces the
+    timeout: a Python-level timeout would poll() before every recv() and
+    send(), and each of those system calls hands the GIL to another
+    thread.  TimeoutError when the deadline has passed.
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    seconds = int(remaining)
+    micros = max(int((remaining - seconds) * 1_000_000), 1)
+    sock.setsockopt(socket.SOL_SOCKET, option, TIMEVAL.pack(seconds, micros))
+
+
 class AccessLog:
-    """One JSON object per line, written whole under a lock."""
+    """One JSON object per line, each written by a single write().
 
-    def __init__(self, stream):
-        self.stream = stream
-        self.lock = threading.Lock()
+    A write of at most PIPE_BUF bytes to a pipe is never interleaved
+    with another, and the kernel serialises writes to a regular file,
+    so no lock is needed; a line that would be longer has its path (or
+    then its method) cut short and carries "truncated": true.
+    """
 
-    def write(self, **fields):
-        line = json.dumps(fields, separators=(",", ":")) + "\n"
-        with self.lock:
-            try:
-                self.stream.write(line)
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
+    def __init__(self, fd):
+        self.fd = fd
+
+    def write(self, time, client, method, path, status, sent, duration):
+        line = encode_log_line(
+            time, client, method, path, status, sent, duration
+        )
+        while len(line) > select.PIPE_BUF:
+            if len(path) > 64:
+                path = path[: len(path) // 2]
+            else:
+                method = method[: len(method) // 2]
+            line = encode_log_line(
+                time, client, method, path, status, sent, duration, True
+            )
+        with contextlib.suppress(OSError):
+            written = os.write(self.fd, line)
+            while written < len(line):
+                line = line[written:]
+                written = os.write(self.fd, line)
+
+
+def encode_log_line(
+    time, client, method, path, status, sent, duration, truncated=False
+):
+    """The access log line: json.dumps() of these fields, made faster."""
+    text = (
+        f'{{"time":"{time}","client":{json_string(client)},'
+        f'"method":{json_string(method)},"path":{json_string(path)},'
+        f'"status":{status:d},"bytes":{sent:d},"duration":{duration!r}'
+    )
+    if truncated:
+        text += ',"truncated":true'
+    return (text + "}\n").encode("ascii")
 
 
 class BadRequest(Exception):
@@ -1475,6 +1583,13 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # the timeouts most calls need stay armed; others re-arm them
+        self.full_timeouts = {
+            socket.SO_RCVTIMEO: self.server.config.timeout,
+            socket.SO_SNDTIMEO: self.server.config.timeout
+            + SMALL_SEND_SECONDS,
+        }
+        self.armed = {}
         self.pending = bytearray()
         self.close_connection = False
         self.config = self.server.config
@@ -1504,11 +1619,9 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
             return
         if not self.server.set_busy(self.connection, True):
             self.close_connection = True
-        self.metrics.add("in_flight", 1)
         try:
             self.answer(head)
         finally:
-            self.metrics.add("in_flight", -1)
             if not self.server.set_busy(self.connection, False):
                 self.close_connection = True
 
@@ -1516,12 +1629,37 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
     def metrics(self):
         return self.server.metrics
 
-    def receive(self, deadline):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        self.connection.settimeout(remaining)
-        return self.connection.recv(65536)
+    def arm(self, option, deadline=None):
+        """Set the kernel timeout `option` to its full value (deadline
+        None) or to the time left until deadline."""
+        if deadline is None:
+            if self.armed.get(option) == "full":
+                return
+            deadline = time.monotonic() + self.full_timeouts[option]
+            self.armed[option] = "full"
+        else:
+            self.armed[option] = "partial"
+        set_kernel_timeout(self.connection, option, deadline)
+
+    def receive(self, deadline, first):
+        """One recv(): the first of a request waits the full timeout."""
+        self.arm(socket.SO_RCVTIMEO, None if first else deadline)
+        try:
+            return self.connection.recv(65536)
+        except BlockingIOError:
+            raise TimeoutError from None
+
+    def send(self, data, deadline=None):
+        """sendall() within the full send timeout or until deadline."""
+        self.arm(socket.SO_SNDTIMEO, deadline)
+        with memoryview(data) as view:
+            sent = self.connection.send(view)
+            while sent < len(view):
+                view = view[sent:]
+                if deadline is None:
+                    deadline = time.monotonic() + SMALL_SEND_SECONDS
+                self.arm(socket.SO_SNDTIMEO, deadline)
+                sent = self.connection.send(view)
 
     def read_head(self):
         """The request head as bytes, None on a clean close or idle
@@ -1546,7 +1684,7 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
             if len(buffer) > limit:
                 raise BadRequest(431, "request header fields too large")
             try:
-                chunk = self.receive(deadline)
+                chunk = self.receive(deadline, first=not buffer)
             except (TimeoutError, OSError):
                 if buffer.strip():
                     raise BadRequest(408, "request timeout") from None
@@ -1681,23 +1819,32 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
         if "\\" in path or "\0" in path:
             raise HTTPError(404, "not found")
         parts = parse_subpath(path)
-        query = parse_query(
-            raw_query, self.config.max_entries, self.header_map.get("accept")
+        query = self.server.queries.parse(
+            raw_query, self.header_map.get("accept")
         )
-        root_fd = open_root(self.config.directory)
-        try:
-            fd = open_subdirectory(root_fd, parts)
-        finally:
-            os.close(root_fd)
-        try:
-            key = b"/".join(parts)
-            snapshot = self.server.listings.get(key, fd, started)
-        finally:
-            os.close(fd)
-        fingerprint = query.fingerprint(key)
+        key = b"/".join(parts)
+        snapshot = None
+        if not parts:
+            # the root's own path leads nowhere a request could choose:
+            # one stat() re-validates a cached listing of it
+            snapshot = self.server.listings.cached(
+                key, self.config.directory, started
+            )
+        if snapshot is None:
+            root_fd = open_root(self.config.directory)
+            try:
+                fd = open_subdirectory(root_fd, parts)
+            finally:
+                os.close(root_fd)
+            try:
+                snapshot = self.server.listings.get(key, fd, started)
+            finally:
+                os.close(fd)
+        fingerprint = None
         view = build_view(snapshot, query)
         start = 0
         if query.cursor is not None:
+            fingerprint = query.fingerprint(key)
             cursor = decode_cursor(query.cursor, fingerprint)
             start = page_start(snapshot, query, view, cursor)
         cache_key = (
@@ -1710,6 +1857,8 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
         )
         page = self.server.bodies.get(cache_key)
         if page is None:
+            if fingerprint is None:
+                fingerprint = query.fingerprint(key)
             page = render_page(
                 snapshot, query, parts, view, start, fingerprint
             )
@@ -1757,10 +1906,8 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
         cache="no-store",
     ):
         """Send status, headers and body (no body for HEAD and 304)."""
-        phrase = HTTPStatus(status).phrase
         lines = [
-            f"HTTP/1.1 {status} {phrase}",
-            "Server: list-files",
+            STATUS_LINES[status],
             f"Date: {http_date()}",
             f"Content-Type: {content_type}",
             "X-Content-Type-Options: nosniff",
@@ -1783,15 +1930,17 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
             body, length = (), 0
         sent = 0
         try:
-            self.connection.settimeout(
-                self.config.timeout + length / MIN_SEND_RATE
-            )
-            if length < 65536:
-                self.connection.sendall(b"".join((head, *body)))
+            if length < SMALL_SEND_BYTES:
+                self.send(b"".join((head, *body)))
             else:
-                self.connection.sendall(head)
+                deadline = (
+                    time.monotonic()
+                    + self.config.timeout
+                    + length / MIN_SEND_RATE
+                )
+                self.send(head, deadline)
                 for chunk in body:
-                    self.connection.sendall(chunk)
+                    self.send(chunk, deadline)
             sent = length
         except OSError:
             self.close_connection = True
@@ -1801,13 +1950,13 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
         )
         if self.server.access_log is not None:
             self.server.access_log.write(
-                time=rfc3339(time.time_ns()),
-                client=self.client_address[0],
-                method=self.method,
-                path=self.target,
-                status=status,
-                bytes=sent,
-                duration=round(duration, 6),
+                rfc3339(time.time_ns()),
+                self.client_address[0],
+                self.method,
+                self.target,
+                status,
+                sent,
+                round(duration, 6),
             )
 
     def request_version_is_1_0(self):

@@ -449,6 +449,68 @@ def test_access_log_is_one_json_line_per_request(server):
     assert "\\u001b" in server.stdout_lines[0]
 
 
+def test_access_log_lines_stay_whole_under_concurrent_long_requests(server):
+    """Lines longer than PIPE_BUF could interleave in a pipe: the server
+    shortens them, and every line written concurrently stays whole."""
+    long_target = "/files/" + "\u00e9" * 3000  # 6 bytes each once escaped
+    long_request = (
+        f"GET {long_target} HTTP/1.1\r\nHost: t\r\n"
+        "Connection: close\r\n\r\n".encode("latin-1")
+    )
+    short_request = (
+        b"GET /files HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    rounds = 40
+    errors = []
+
+    def client(request):
+        try:
+            for _ in range(rounds):
+                raw_exchange(server, request)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [
+        threading.Thread(target=client, args=(request,))
+        for request in (long_request, long_request, short_request)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    server.stop()
+    entries = server.access_log()  # fails on any line that is not JSON
+    assert entries.pop()["path"] == "/openapi.json"  # from server.stop()
+    longs = [e for e in entries if e["path"] != "/files"]
+    shorts = [e for e in entries if e["path"] == "/files"]
+    assert len(longs) == 2 * rounds and len(shorts) == rounds
+    for entry in longs:
+        assert entry["truncated"] is True
+        assert entry["method"] == "GET"
+        assert entry["status"] == 404
+        assert 100 < len(entry["path"]) < len(long_target)
+        assert long_target.startswith(entry["path"])
+    assert all("truncated" not in entry for entry in shorts)
+    assert all(len(line.encode()) <= 4096 for line in server.stdout_lines)
+
+
+def test_connection_gauges_count_idle_keep_alive_connections(server):
+    idle = [server.connect() for _ in range(3)]
+    try:
+        for connection in idle:
+            connection.request("GET", "/healthz")
+            assert connection.getresponse().read()
+        status, _, body = server.request("/metrics")
+        assert status == 200
+        text = body.decode()
+        assert metric_value(text, "list_files_http_connections_open") == 4
+        assert metric_value(text, "list_files_http_requests_in_flight") == 1
+    finally:
+        for connection in idle:
+            connection.close()
+
+
 # ------------------------------------------------------------ helpers 2
 
 
