@@ -519,10 +519,13 @@ def run_wrk(args, url, seconds, latency=True):
 
 def run_duration(args, single_seconds):
     """Seconds for a timed run: --duration, or long enough for each
-    connection to complete about three responses if one response takes
+    connection to complete about five responses if one response takes
     a while (`single_seconds`, one request after the warm-up, as if the
-    server answered one at a time), capped at --max-duration."""
-    wanted = 3 * args.connections * single_seconds
+    server answered one at a time), capped at --max-duration.  Five, not
+    three: a server that slows down under concurrency (the naive one,
+    its threads fighting over the GIL) finishes its first round of
+    responses later than connections x single_seconds."""
+    wanted = 5 * args.connections * single_seconds
     return int(min(max(args.duration, wanted), args.max_duration) + 0.999)
 
 
