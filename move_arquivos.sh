@@ -15,7 +15,9 @@
 #     the last dot, kept last), e.g. report.pdf -> report.1.pdf, and the
 #     log says event=renamed.
 #   - No partial file ever has its final name in DEST_DIR. On one mount a
-#     move is a rename(2) that refuses to replace. Across mounts the file
+#     move is a rename(2) that refuses to replace (renameat2 with
+#     RENAME_NOREPLACE), made by a resident python3 helper when python3
+#     and its ctypes are installed, else by mv -n. Across mounts the file
 #     is renamed into SRC_DIR/.move_arquivo.ID/ (claimed), copied to
 #     DEST_DIR/.move_arquivo.ID/, fsync'd, hard-linked to its final name,
 #     and only then removed from both hidden directories. After a crash
@@ -36,11 +38,14 @@
 #                         case-insensitively against the bare file name;
 #                         matching files are left alone until renamed to
 #                         a name that does not match. Empty: ignore
-#                         nothing. Default covers rsync's .name.XXXXXX,
+#                         nothing. Default covers rsync's .name.XXXXXX
+#                         (so also any hidden name that ends in a dot
+#                         and six letters or digits, like .env.sample),
 #                         *.part, *.partial, *.tmp, *.temp, *.swp, *.swx,
-#                         *~, #name#, .~lock.*#, ~$*, *.crdownload,
-#                         *.download, *.opdownload, *.filepart, *.!ut
-#                         and .goutputstream-*
+#                         vim's .name.swo to .name.swa, *.kate-swp, *~,
+#                         #name#, emacs's .#name, .~lock.*#, ~$*,
+#                         *.crdownload, *.download, *.opdownload,
+#                         *.filepart, *.!ut, *.!qB and .goutputstream-*
 #   SCAN_SETTLE_SECONDS   quiet time before a scan moves a file (default 5)
 #   METRICS_TEXTFILE_DIR  if set, write node_exporter textfile metrics
 #                         there (move_arquivo.prom, or
@@ -49,7 +54,12 @@
 #   MOVER_NAME            label mover= in the metrics (default "default")
 #   MOVE_ARQUIVO_DEBUG=1  trace every command (set -x)
 #
-# Log: one line per event, key=value. stdout: event=started, moved,
+# Under systemd, move_arquivo.service reads these from the optional
+# /etc/move_arquivo/move_arquivo.env, and move_arquivo@NAME.service from
+# /etc/move_arquivo/NAME.env (one KEY=value per line).
+#
+# Log: one line per event, key=value. stdout: event=started (with
+# mode=rename or mode=copy, and renamer=python3 or renamer=mv), moved,
 # renamed, skipped, overflow, recovered, stopped. stderr: event=error,
 # watcher_message, fatal. A value with bytes other than letters, digits
 # and ._/:@+,%~- is written in double quotes; inside, " and \ are
@@ -78,12 +88,37 @@ readonly SUFFIX_CHAR='[a-z0-9]'
 DEFAULT_IGNORE_GLOB="@(.?*.${SUFFIX_CHAR}${SUFFIX_CHAR}${SUFFIX_CHAR}"
 DEFAULT_IGNORE_GLOB+="${SUFFIX_CHAR}${SUFFIX_CHAR}${SUFFIX_CHAR}"
 DEFAULT_IGNORE_GLOB+='|*.@(part|partial|crdownload|download|opdownload'
-DEFAULT_IGNORE_GLOB+='|filepart|!ut|tmp|temp|swp|swx)'
-DEFAULT_IGNORE_GLOB+='|*~|#*#|.~lock.*#|~$*|.goutputstream-*)'
+DEFAULT_IGNORE_GLOB+='|filepart|!ut|!qb|tmp|temp|swp|swx|kate-swp)'
+DEFAULT_IGNORE_GLOB+='|.?*.sw[a-p]|*~|#*#|.#*|.~lock.*#|~$*'
+DEFAULT_IGNORE_GLOB+='|.goutputstream-*)'
 readonly DEFAULT_IGNORE_GLOB
 readonly OWN_PREFIX=".move_arquivo."
 readonly BATCH_MAX=512
 readonly NUMBERED_NAME_LIMIT=100000
+
+# A resident rename helper spares a lone file the fork and exec of mv,
+# most of the time from close() to arrival. It reads "FROM\0TO\0" and
+# answers each pair with a line: 0, or the errno of renameat2(2) with
+# RENAME_NOREPLACE, the call mv -n makes. Python is only a fast path:
+# without python3 (or its ctypes) the same renames go through mv.
+readonly RENAME_HELPER_PROGRAM='
+import ctypes, os
+AT_FDCWD, RENAME_NOREPLACE = -100, 1
+renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+os.write(1, b"ready\n")
+pending = b""
+while chunk := os.read(0, 65536):
+    *fields, pending = (pending + chunk).split(b"\0")
+    if len(fields) % 2:
+        pending = fields.pop() + b"\0" + pending
+    replies = []
+    for source, target in zip(fields[0::2], fields[1::2]):
+        failed = renameat2(AT_FDCWD, source, AT_FDCWD, target,
+                           RENAME_NOREPLACE)
+        replies.append(b"%d\n" % (ctypes.get_errno() if failed else 0))
+    os.write(1, b"".join(replies))
+'
+readonly RENAME_HELPER_START_SECONDS=10
 
 SRC_DIR="${SRC_DIR:-/opt/dir_origem}"
 DEST_DIR="${DEST_DIR:-/opt/dir_destino}"
@@ -104,6 +139,8 @@ saved_umask=""
 
 watch_fd=""
 watch_pid=""
+# "python3" once the rename helper answered (coprocess RENAME_HELPER).
+renamer="mv"
 
 # Names waiting for the next flush, and the set that keeps them unique.
 batch=()
@@ -465,23 +502,71 @@ place_failed() {
 }
 
 # rename_files DIR NAME...: same mount; one rename(2) per file that
-# refuses to replace (mv -n uses RENAME_NOREPLACE).
+# refuses to replace, done by the rename helper or else by mv.
 rename_files() {
-  local from_dir="$1" name from
+  local from_dir="$1" name index=0
   shift
-  local -a paths=()
+  local -a answers=()
+  helper_rename "${from_dir}" "$@" || mv_rename "${from_dir}" "$@"
+
+  for name; do
+    if [[ "${answers[index]}" == 0 ]]; then
+      record_move moved "${SRC_DIR}/${name}" "${DEST_DIR}/${name}"
+    elif exists "${from_dir}/${name}"; then
+      place_failed mv "${from_dir}/${name}" "${name}" || true
+    fi
+    index=$(( index + 1 ))
+  done
+}
+
+# helper_rename DIR NAME...: each DIR/NAME to DEST_DIR/NAME by the
+# rename helper; sets "answers" to its errno per name (0: moved).
+# Returns 1 if no helper runs, or it quit (then it is not used again).
+helper_rename() {
+  [[ "${renamer}" == python3 ]] || return 1
+  local from_dir="$1" name
+  local request_fd="${RENAME_HELPER[1]:-}" answer_fd="${RENAME_HELPER[0]:-}"
+  shift
+  local -a pairs=()
+  for name; do
+    pairs+=("${from_dir}/${name}" "${DEST_DIR}/${name}")
+  done
+  if [[ -n "${request_fd}" ]] \
+    && printf '%s\0%s\0' "${pairs[@]}" 2>/dev/null 1>&"${request_fd}" \
+    && mapfile -t -n "$#" -u "${answer_fd}" answers \
+    && (( ${#answers[@]} == $# )); then
+    return 0
+  fi
+  stop_rename_helper
+  log_error op rename_helper msg "the rename helper quit; using mv"
+  return 1
+}
+
+# mv_rename DIR NAME...: the same with one mv -n (RENAME_NOREPLACE) for
+# all names. mv does not say which failed, so "answers" is read off the
+# directories: a name free in DEST_DIR before and taken after was moved
+# (even if a new file has taken its place in DIR meanwhile); a file
+# still in DIR was not (1); one in neither place is gone (2).
+mv_rename() {
+  local from_dir="$1" name index=0
+  shift
+  local -a paths=() taken=()
   for name; do
     paths+=("${from_dir}/${name}")
+    if exists "${DEST_DIR}/${name}"; then taken+=(1); else taken+=(0); fi
   done
   mv -n -t "${DEST_DIR}" -- "${paths[@]}" 2>/dev/null || true
 
+  answers=()
   for name; do
-    from="${from_dir}/${name}"
-    if [[ -e "${from}" || -L "${from}" ]]; then
-      place_failed mv "${from}" "${name}" || true
+    if (( taken[index] == 0 )) && exists "${DEST_DIR}/${name}"; then
+      answers+=(0)
+    elif exists "${from_dir}/${name}"; then
+      answers+=(1)
     else
-      record_move moved "${SRC_DIR}/${name}" "${DEST_DIR}/${name}"
+      answers+=(2)
     fi
+    index=$(( index + 1 ))
   done
 }
 
@@ -785,12 +870,51 @@ on_overflow() {
   scan_source
 }
 
-# handle_record RECORD: one "EVENTS NAME" record from inotifywait. The
-# two events of every file come first: this runs twice per file.
+# start_rename_helper: on one mount, run RENAME_HELPER_PROGRAM as a
+# coprocess; keep mv if it does not say "ready" in time.
+start_rename_helper() {
+  (( same_mount )) && command -v python3 >/dev/null || return 0
+  local greeting=""
+  # Not exec'd: this subshell, its stderr discarded, absorbs a death of
+  # the helper by a signal, which bash reports on stderr (the log).
+  coproc RENAME_HELPER {
+    exec {watch_fd}<&- 2>/dev/null
+    python3 -I -S -c "${RENAME_HELPER_PROGRAM}"
+  }
+  if read -r -t "${RENAME_HELPER_START_SECONDS}" \
+    -u "${RENAME_HELPER[0]}" greeting && [[ "${greeting}" == ready ]]; then
+    renamer="python3"
+  else
+    stop_rename_helper
+  fi
+}
+
+# Bash closes the coprocess's pipes and unsets RENAME_HELPER when it
+# reaps the helper.
+stop_rename_helper() {
+  renamer="mv"
+  local pid="${RENAME_HELPER_PID:-}"
+  [[ -z "${pid}" ]] || kill "${pid}" 2>/dev/null || true
+}
+
+# move_lone_file NAME: the common case, a file closed after writing
+# with nothing else pending, skips the batch; what it cannot rename
+# alone goes through the batch.
+move_lone_file() {
+  local path="${SRC_DIR}/$1"
+  if (( same_mount )) && [[ ! -L "${path}" && -f "${path}" ]] \
+    && ! is_ignored "$1"; then
+    rename_files "${SRC_DIR}" "$1"
+  else
+    add_to_batch "$1"
+  fi
+}
+
+# handle_record RECORD: one "EVENTS NAME" record from inotifywait other
+# than a file's CREATE and CLOSE_WRITE (see watch_events).
 handle_record() {
   local events="${1%% *}" name="${1#* }"
   case "${events}" in
-    CLOSE_WRITE,CLOSE) add_to_batch "${name}" ;;
     MOVED_TO)
       # A failed file put back must wait for news, or it would loop.
       if [[ "${own_renames[${name}]:-0}" == 1 ]]; then
@@ -799,15 +923,14 @@ handle_record() {
         add_to_batch "${name}"
       fi
       ;;
-    CREATE)
-      # A regular file is moved when closed; links and special files
-      # never get a close event.
-      [[ ! -L "${SRC_DIR}/${name}" && -f "${SRC_DIR}/${name}" ]] \
-        || add_to_batch "${name}"
-      ;;
     READY)
-      log_event out started src_dir "${SRC_DIR}" dest_dir "${DEST_DIR}" \
-        mode "$( (( same_mount )) && echo rename || echo copy)"
+      if (( same_mount )); then
+        log_event out started src_dir "${SRC_DIR}" dest_dir "${DEST_DIR}" \
+          mode rename renamer "${renamer}"
+      else
+        log_event out started src_dir "${SRC_DIR}" dest_dir "${DEST_DIR}" \
+          mode copy
+      fi
       recover_interrupted_moves
       scan_source
       ;;
@@ -842,7 +965,7 @@ watcher_ended() {
 }
 
 watch_events() {
-  local record partial="" status
+  local record partial="" status path
   while true; do
     next_timeout
     status=0
@@ -853,12 +976,33 @@ watch_events() {
     fi
 
     if (( status == 0 )); then
-      handle_record "${partial}${record}"
+      record="${partial}${record}"
       partial=""
-      while (( ${#batch[@]} < BATCH_MAX )) && read -r -t 0 -u "${watch_fd}"
-      do
+      # Every file brings two records: they are handled here, in line.
+      while true; do
+        case "${record}" in
+          'CLOSE_WRITE,CLOSE '*)
+            if (( ${#batch[@]} == 0 )) && ! read -r -t 0 -u "${watch_fd}"
+            then
+              move_lone_file "${record#* }"
+              break
+            fi
+            add_to_batch "${record#* }"
+            ;;
+          'CREATE '*)
+            # A regular file is moved when closed; links and special
+            # files never get a close event.
+            path="${SRC_DIR}/${record#* }"
+            [[ ! -L "${path}" && -f "${path}" ]] \
+              || add_to_batch "${record#* }"
+            ;;
+          *) handle_record "${record}" ;;
+        esac
+        if (( ${#batch[@]} >= BATCH_MAX )) \
+          || ! read -r -t 0 -u "${watch_fd}"; then
+          break
+        fi
         IFS= read -r -d '' -u "${watch_fd}" record || break
-        handle_record "${record}"
       done
       flush_batch
     elif (( status > 128 )); then
@@ -875,6 +1019,7 @@ on_exit() {
   local status=$?
   set +e
   stop_watcher
+  stop_rename_helper
   metrics_dirty=1
   [[ -z "${metrics_file}" || -z "${saved_umask}" ]] || write_metrics
   exit "${status}"
@@ -906,8 +1051,14 @@ main() {
   trap 'on_signal TERM' TERM
   trap 'on_signal INT' INT
   trap 'on_signal HUP' HUP
+  # A write to a rename helper that has just died fails (and mv takes
+  # over) instead of killing the shell. Children keep the default.
+  trap : PIPE
 
   start_watcher
+  # After the watcher, so that none of its processes holds the helper's
+  # pipe: the helper sees end-of-file and exits when this shell dies.
+  start_rename_helper
   maybe_write_metrics
   watch_events
 }

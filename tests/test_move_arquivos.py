@@ -288,6 +288,9 @@ def test_help_prints_the_header_with_every_setting():
         "METRICS_TEXTFILE_DIR",
         "METRICS_INTERVAL_SECONDS",
         "MOVER_NAME",
+        "/etc/move_arquivo/move_arquivo.env",
+        "/etc/move_arquivo/NAME.env",
+        "renamer=python3",
         "Exit codes:",
     ):
         assert word in result.stdout
@@ -489,9 +492,26 @@ def test_temporary_names_wait_until_renamed_to_a_final_name(dirs, movers):
         "setup.exe.crdownload",
         "photo.jpg.download",
         "archive.zip.partial",
+        "notes.temp",
+        "notes.swx",
+        ".notes.txt.swo",
+        ".notes.txt.swn",
+        "notes.txt.kate-swp",
+        "#notes.txt#",
+        ".#notes.txt",
+        ".~lock.report.odt#",
+        "~$report.docx",
+        "setup.exe.opdownload",
+        "upload.bin.filepart",
+        "movie.mkv.!ut",
+        "movie.mkv.!qB",
+        ".goutputstream-XYZ123",
     ]
-    for name in temporary:
+    # Look-alikes of the patterns above that are finished files.
+    final = ["movie.swf", "notes.swo", "report.pdf.part.txt", "lock#"]
+    for name in temporary + final:
         (src / name).write_text(name)
+    mover.wait_moved(*final)
     mover.sentinel()
     assert visible(src) == sorted(temporary)
     assert not set(temporary) & set(os.listdir(dest))
@@ -665,6 +685,197 @@ def test_subdirectories_stay_in_place_and_are_logged_once(dirs, movers):
         (bytes(src / "early"), b"directory"),
         (bytes(src / "late"), b"directory"),
     ]
+
+
+# --- renames on one file system ----------------------------------------
+
+
+def session_commands(session):
+    """{pid: argv as bytes} of every process in a session."""
+    return {
+        pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        for pid in session_activity(session)
+        if Path(f"/proc/{pid}/cmdline").exists()
+    }
+
+
+def rename_helpers(session):
+    """PIDs of the mover's resident rename helper (python3 -I -S -c)."""
+    return sorted(
+        pid
+        for pid, argv in session_commands(session).items()
+        if os.path.basename(argv[0]).startswith(b"python3")
+        and argv[1:4] == [b"-I", b"-S", b"-c"]
+    )
+
+
+@pytest.fixture
+def traced_path(tmp_path):
+    """(PATH, log): PATH runs every mv through a wrapper that appends a
+    line to the log, then execs the real mv."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    log = tmp_path / "mv.log"
+    log.touch()
+    wrapper = tools / "mv"
+    wrapper.write_text(
+        f'#!/bin/sh\necho mv >>"{log}"\nexec {shutil.which("mv")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return f"{tools}:{os.environ['PATH']}", log
+
+
+def break_python3(path):
+    """Put a python3 that fails at once, as one without ctypes does, first
+    on PATH: the mover must rename with mv."""
+    fake = Path(path.split(":", 1)[0]) / "python3"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+
+
+@pytest.fixture
+def without_rename_helper(traced_path):
+    """(PATH, mv log) with a broken python3 (see break_python3)."""
+    break_python3(traced_path[0])
+    return traced_path
+
+
+def test_lone_files_are_renamed_by_the_helper_without_mv(
+    dirs, movers, traced_path
+):
+    src, dest = dirs
+    path, mv_log = traced_path
+    (dest / "taken.txt").write_text("taken")
+    mover = movers(src, dest, PATH=path)
+    mover.wait_started()
+    (started,) = mover.logged(b"started", 1)
+    assert (started["mode"], started["renamer"]) == (b"rename", b"python3")
+    helpers = rename_helpers(mover.process.pid)
+    assert len(helpers) == 1
+
+    for number in range(5):
+        (src / f"one-{number}.txt").write_text(f"one {number}")
+        mover.wait_moved(f"one-{number}.txt")
+    moved = mover.logged(b"moved", 5)
+    assert [e["dest"] for e in moved] == [
+        bytes(dest / f"one-{n}.txt") for n in range(5)
+    ]
+    assert mv_log.read_text() == ""
+
+    # A taken name is the slow path's: it numbers the file with mv.
+    (src / "taken.txt").write_text("new")
+    mover.wait_moved("taken.1.txt")
+    (renamed,) = mover.logged(b"renamed", 1)
+    assert renamed["dest"] == bytes(dest / "taken.1.txt")
+    assert (dest / "taken.txt").read_text() == "taken"
+    assert (dest / "taken.1.txt").read_text() == "new"
+    assert rename_helpers(mover.process.pid) == helpers
+    assert mover.stop() == 0
+    assert mover.stderr() == b""
+
+
+def test_without_a_working_python3_files_are_renamed_by_mv(
+    dirs, movers, without_rename_helper
+):
+    src, dest = dirs
+    path, mv_log = without_rename_helper
+    (dest / "taken.txt").write_text("taken")
+    mover = movers(src, dest, PATH=path)
+    mover.wait_started()
+    (started,) = mover.logged(b"started", 1)
+    assert (started["mode"], started["renamer"]) == (b"rename", b"mv")
+    assert rename_helpers(mover.process.pid) == []
+
+    (src / "alone.txt").write_text("alone")
+    (src / "taken.txt").write_text("new")
+    mover.wait_moved("alone.txt", "taken.1.txt")
+    assert (dest / "alone.txt").read_text() == "alone"
+    assert (dest / "taken.1.txt").read_text() == "new"
+    assert mv_log.read_text() != ""
+    assert mover.stop() == 0
+    assert mover.stderr() == b""
+
+
+def test_a_rename_helper_that_dies_is_replaced_by_mv(
+    dirs, movers, traced_path
+):
+    src, dest = dirs
+    path, mv_log = traced_path
+    mover = movers(src, dest, PATH=path)
+    mover.wait_started()
+    (helper,) = rename_helpers(mover.process.pid)
+    os.kill(helper, signal.SIGKILL)
+    wait_for(lambda: rename_helpers(mover.process.pid) == [], "helper gone")
+
+    for name in ("after-1.txt", "after-2.txt"):
+        (src / name).write_text(name)
+        mover.wait_moved(name)
+        assert (dest / name).read_text() == name
+    assert mv_log.read_text() != ""
+    assert len(mover.logged(b"moved", 2)) == 2
+    errors = [parse_line(line) for line in mover.stderr().splitlines()]
+    assert errors == [
+        {
+            "event": b"error",
+            "op": b"rename_helper",
+            "msg": b"the rename helper quit; using mv",
+        }
+    ]
+
+
+def test_a_killed_mover_leaves_no_rename_helper_behind(dirs, movers):
+    src, dest = dirs
+    mover = movers(src, dest)
+    mover.wait_started()
+    session = mover.process.pid
+    (helper,) = rename_helpers(session)
+    os.kill(mover.process.pid, signal.SIGKILL)
+    mover.wait_exit()
+    # The helper reads end-of-file once the shell's end of its pipe is
+    # closed, and exits.
+    wait_for(lambda: not Path(f"/proc/{helper}").exists(), "helper exit")
+
+
+@pytest.mark.parametrize("renamer", ["python3", "mv"])
+def test_a_name_written_again_right_after_its_move_is_a_new_file(
+    dirs, movers, renamer, traced_path
+):
+    """A writer that creates a file again the moment the mover renamed
+    the first one away races the mover's check of that rename: the new
+    file must wait for its own close, and each file gets one line."""
+    src, dest = dirs
+    path = traced_path[0]
+    if renamer == "mv":
+        break_python3(path)
+    mover = movers(src, dest, PATH=path)
+    mover.wait_started()
+    (started,) = mover.logged(b"started", 1)
+    assert started["renamer"] == renamer.encode()
+
+    rounds = 20
+    for number in range(rounds):
+        name = f"again-{number:02d}.txt"
+        (src / name).write_text(f"first {number}")
+        # Spin, not poll: the new file must follow the rename at once.
+        end = time.monotonic() + DEADLINE
+        while os.path.lexists(src / name):
+            assert time.monotonic() < end, f"gave up waiting for {name}"
+        with (src / name).open("w") as second:
+            second.write(f"second {number}")
+            second.flush()
+            mover.sentinel(f"while-open-{number:02d}")
+            assert not (dest / f"again-{number:02d}.1.txt").exists()
+        mover.wait_moved(f"again-{number:02d}.1.txt")
+        assert (dest / name).read_text() == f"first {number}"
+        assert (dest / f"again-{number:02d}.1.txt").read_text() == (
+            f"second {number}"
+        )
+
+    delivered = sorted(os.listdir(dest))
+    assert len(delivered) == 3 * rounds
+    lines = [e for e in mover.events() if e["event"] in {b"moved", b"renamed"}]
+    logged = sorted(os.path.basename(e["dest"]).decode() for e in lines)
+    assert logged == delivered
 
 
 # --- failures the mover survives or reports ----------------------------
