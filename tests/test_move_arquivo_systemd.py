@@ -175,18 +175,24 @@ def test_unit_runs_as_shipped_inside_its_sandbox(box):
     assert shown["DropInPaths"] == ""
     assert box.read(INSTALLED_UNIT) == UNIT.read_bytes()
     assert shown["ProtectSystem"] == "strict"
-    assert set(shown["ReadWritePaths"].split()) >= {SRC, DEST}
+    writable = {path.lstrip("-") for path in shown["ReadWritePaths"].split()}
+    assert writable >= {SRC, DEST}
 
     own_ns = box.sh("readlink /proc/1/ns/mnt")
     assert box.sh(f"readlink /proc/{pid}/ns/mnt") != own_ns
     in_sandbox = f"nsenter --target {pid} --mount --"
-    for path in ("/usr/local/bin", "/etc", "/var/lib", "/opt"):
+    # Writable: the two directories, nothing else (not even a private
+    # /tmp, nor /run or /dev/shm, which ProtectSystem=strict leaves).
+    unwritable = ("/usr/local/bin", "/etc", "/var/lib", "/opt", "/dev")
+    unwritable += ("/dev/shm", "/run", "/run/lock", "/tmp", "/var/tmp")
+    for path in unwritable:
         probe = box.exec(
             "bash", "-c", f"{in_sandbox} touch {path}/.probe", check=False
         )
         assert probe.returncode == 1, path
         assert b"Read-only file system" in probe.stderr, probe.stderr
     box.sh(f"{in_sandbox} touch {DEST}/.probe && rm {DEST}/.probe")
+    box.sh(f"{in_sandbox} mkdir {SRC}/.probe && rmdir {SRC}/.probe")
 
     status = box.sh(f"grep -E '^(NoNewPrivs|Seccomp):' /proc/{pid}/status")
     if shown["NoNewPrivileges"] == "yes":
@@ -204,6 +210,52 @@ def test_unit_runs_as_shipped_inside_its_sandbox(box):
     assert float(exposure.split(":")[1].split()[0]) <= 2.0, exposure
 
     assert_moves_a_file(box, "dentro-do-sandbox.txt")
+
+
+def test_plain_unit_reads_its_environment_file(box):
+    install_by_readme(box)
+    box.install(
+        "/etc/move_arquivo/move_arquivo.env",
+        "IGNORE_GLOB=*.hold\nMOVER_NAME=principal\n",
+    )
+    box.exec("systemctl", "restart", "move_arquivo")
+    box.wait_active("move_arquivo")
+
+    box.write(f"{SRC}/espera.hold", b"held\n")
+    assert_moves_a_file(box, "depois-do-env.txt")
+    assert box.files_in(SRC) == ["espera.hold"]
+
+
+def test_a_crash_loop_stops_at_the_start_limit(box):
+    """The shipped StartLimitBurst= and StartLimitIntervalSec=, with a
+    shorter RestartSec= (a drop-in) so that the loop runs in seconds."""
+    install_by_readme(box)
+    box.install(
+        "/etc/systemd/system/move_arquivo.service.d/fast-restart.conf",
+        "[Service]\nRestartSec=100ms\n",
+    )
+    box.exec("systemctl", "daemon-reload")
+    box.exec("mv", SRC, f"{SRC}.fora")
+
+    def failed():
+        shown = box.show("move_arquivo", "ActiveState", "Result")
+        return shown if shown["ActiveState"] == "failed" else None
+
+    wait_until(failed, "the start limit")
+    journal = box.journal("move_arquivo")
+    assert "Start request repeated too quickly." in journal
+    # Every failed start says why, in the mover's own words.
+    missing = f'event=fatal reason=config msg="SRC_DIR {SRC} does not exist"'
+    restarts = int(box.show("move_arquivo", "NRestarts")["NRestarts"])
+    assert journal.count(missing) == restarts - 1
+    assert "status=226/NAMESPACE" not in journal
+
+    # Once the directory is back, one reset-failed brings it up again.
+    box.exec("mv", f"{SRC}.fora", SRC)
+    box.exec("systemctl", "reset-failed", "move_arquivo")
+    box.exec("systemctl", "start", "move_arquivo")
+    box.wait_active("move_arquivo")
+    assert_moves_a_file(box, "depois-do-loop.txt")
 
 
 def test_service_comes_back_after_reboot_without_being_started(box):
@@ -300,6 +352,18 @@ def test_template_runs_two_directory_pairs_from_their_env_files(box):
         unit = f"move_arquivo@{name}"
         box.wait_active(unit)
         assert box.sh(f"systemctl is-enabled {unit}") == "enabled"
+        # One mount below the instance's ReadWritePaths=: renames, by the
+        # python3 helper even inside the sandbox (seccomp, W^X memory).
+        started = wait_until(
+            lambda u=unit: [
+                log_fields(line)
+                for line in box.journal(u).splitlines()
+                if line.startswith("event=started")
+            ],
+            f"{unit} to log event=started",
+        )
+        assert started[-1]["mode"] == "rename"
+        assert started[-1]["renamer"] == "python3"
         assert_moves_a_file(box, f"para-{name}.txt", src, dest, unit)
     for name, (_, dest) in pairs.items():
         assert box.files_in(dest) == [f"para-{name}.txt"]

@@ -1279,8 +1279,12 @@ def test_units_keep_the_installation_contract():
         assert settings["ProtectSystem"] == ["strict"]
         assert "Documentation" in settings
         assert settings["OnFailure"] == ["notify-failure@%n.service"]
+        assert settings["RestartSec"] == ["5s"]
+        assert settings["StartLimitBurst"] == ["10"]
+        assert settings["StartLimitIntervalSec"] == ["5min"]
+        assert settings["ReadOnlyPaths"] == ["-/dev/shm /run /tmp /var/tmp"]
     assert plain["EnvironmentFile"] == ["-/etc/move_arquivo/move_arquivo.env"]
-    assert plain["ReadWritePaths"] == ["/opt/dir_origem /opt/dir_destino"]
+    assert plain["ReadWritePaths"] == ["-/opt/dir_origem -/opt/dir_destino"]
     assert template["EnvironmentFile"] == ["-/etc/move_arquivo/%i.env"]
     assert template["ReadWritePaths"] == ["-/opt/move_arquivo/%i"]
 
