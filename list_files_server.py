@@ -813,29 +813,50 @@ def encode_cursor(fingerprint, position, key):
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode_cursor(text, fingerprint):
-    """Return (position, key) or raise HTTPError 400."""
-    try:
-        padded = text + "=" * (-len(text) % 4)
-        raw = base64.urlsafe_b64decode(padded.encode("ascii"))
-        value = json.loads(raw)
-        version, made_for, position, *key = value
-        valid = (
-            version == 1
-            and isinstance(made_for, int)
-            and isinstance(position, int)
-            and position >= 0
-            and 1 <= len(key) <= 2
-            and isinstance(key[-1], str)
-            and all(isinstance(k, int) for k in key[:-1])
-        )
-    except (ValueError, TypeError, UnicodeError):
-        valid = False
-    if not valid:
+# A cursor this server makes holds at most a 255-byte name, which JSON
+# escapes to at most 6 characters a byte, and three integers; base64
+# makes that under 2,200 characters.  Longer text is not decoded.
+MAX_CURSOR_CHARS = 4096
+
+
+def decode_cursor(text, fingerprint, sort):
+    """Return (position, key) or raise HTTPError 400.
+
+    The key must have the shape sort_key() gives for `sort`: (name,)
+    for name, (integer, name) for mtime and size; page_start() compares
+    it with the keys of the listing.
+    """
+    value = None
+    if len(text) <= MAX_CURSOR_CHARS:
+        try:
+            padded = text + "=" * (-len(text) % 4)
+            raw = base64.urlsafe_b64decode(padded.encode("ascii"))
+            value = json.loads(raw)
+        except (ValueError, UnicodeError, RecursionError):
+            value = None
+    if not is_cursor_value(value):
         raise HTTPError(400, "cursor is not valid")
+    _, made_for, position, *key = value
     if made_for != fingerprint:
         raise HTTPError(400, "cursor belongs to a different query")
+    if len(key) != (1 if sort == "name" else 2):
+        raise HTTPError(400, "cursor is not valid")
     return position, tuple(key)
+
+
+def is_cursor_value(value):
+    """True for [1, fingerprint, position, *key] with a key of one name
+    or of an integer and a name; integers are not bools."""
+    if type(value) is not list or len(value) not in (4, 5):
+        return False
+    *numbers, name = value
+    version, _, position = numbers[:3]
+    return (
+        all(type(number) is int for number in numbers)
+        and version == 1
+        and position >= 0
+        and type(name) is str
+    )
 
 
 def page_start(snapshot, query, view, cursor):
@@ -1703,13 +1724,16 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
         limit = self.max_request_line + self.max_header_bytes
         buffer = self.pending
         while True:
-            end = buffer.find(b"\r\n\r\n")
-            if end >= 0:
-                end += 4
+            # the head ends at its first empty line, whether the lines
+            # end in CRLF or in a bare LF (RFC 9112, 2.2), so that a
+            # "\r\n\n" cannot hide a second request among the fields
+            crlf = buffer.find(b"\n\r\n")
+            lf = buffer.find(b"\n\n")
+            if crlf >= 0 and (lf < 0 or crlf < lf):
+                end = crlf + 3
                 break
-            end = buffer.find(b"\n\n")
-            if end >= 0:
-                end += 2
+            if lf >= 0:
+                end = lf + 2
                 break
             first_line = buffer.find(b"\n")
             if (first_line < 0 and len(buffer) > self.max_request_line) or (
@@ -1752,6 +1776,10 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
         self.request_version = version
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise BadRequest(400, "unsupported HTTP version")
+        # lines: the request line, the fields, then "" twice (the blank
+        # line and what follows it); a repeated name counts each time
+        if len(lines) - 3 > self.max_headers:
+            raise BadRequest(431, "too many header fields")
         headers = {}
         for line in lines[1:]:
             line = line.rstrip("\r")
@@ -1771,8 +1799,6 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
                 headers[name] += ", " + value
             else:
                 headers[name] = value
-        if len(headers) > self.max_headers:
-            raise BadRequest(431, "too many header fields")
         self.header_map = headers
         connection = headers.get("connection", "").lower()
         if version == "HTTP/1.0":
@@ -1880,7 +1906,7 @@ class ListFilesHandler(http.server.BaseHTTPRequestHandler):
         start = 0
         if query.cursor is not None:
             fingerprint = query.fingerprint(key)
-            cursor = decode_cursor(query.cursor, fingerprint)
+            cursor = decode_cursor(query.cursor, fingerprint, query.sort)
             start = page_start(snapshot, query, view, cursor)
         cache_key = (
             key,
@@ -2065,16 +2091,78 @@ def openapi_document(max_entries):
     def json_content(name):
         return {"application/json": {"schema": ref(name)}}
 
-    def error(description):
-        return {"description": description, "content": json_content("Error")}
+    def header(schema, description=None, required=True):
+        declared = {"required": required, "schema": schema}
+        if description:
+            declared["description"] = description
+        return declared
+
+    no_store = {"Cache-Control": header({"const": "no-store"})}
+    no_cache = {"Cache-Control": header({"const": "no-cache"})}
+    closes = {**no_store, "Connection": header({"const": "close"})}
+    retry_after = header(
+        {"type": "string", "pattern": "^[0-9]+$"},
+        "Seconds to wait before trying again.",
+    )
+
+    def error(description, headers=None):
+        return {
+            "description": description,
+            "headers": headers or no_store,
+            "content": json_content("Error"),
+        }
 
     def plain(description, schema=None):
         return {
             "description": description,
+            "headers": no_store,
             "content": {
                 "text/plain": {"schema": schema or {"type": "string"}}
             },
         }
+
+    # answers any request can get, whatever its path and method; the
+    # operations refer to them by name to keep the document small
+    shared_responses = {
+        "BadRequest": error("The request head is malformed."),
+        "RequestTimeout": error(
+            "The request head did not arrive within CONNECTION_TIMEOUT "
+            "of its first byte.",
+            closes,
+        ),
+        "URITooLong": error("The request line is longer than 8 KiB.", closes),
+        "HeaderFieldsTooLarge": error(
+            "The header block is larger than 16 KiB or has more than "
+            "100 fields.",
+            closes,
+        ),
+        "TooManyConnections": error(
+            "Over MAX_CONNECTIONS open connections.",
+            {**closes, "Retry-After": retry_after},
+        ),
+        "ServerError": error("An unexpected error in the server.", closes),
+        "MethodNotAllowed": error(
+            "Only GET and HEAD are allowed.",
+            {**no_store, "Allow": header({"const": "GET, HEAD"})},
+        ),
+        "NotFound": error("A path this document does not describe."),
+    }
+
+    def shared(name):
+        return {"$ref": f"#/components/responses/{name}"}
+
+    request_errors = {
+        "400": shared("BadRequest"),
+        "408": shared("RequestTimeout"),
+        "414": shared("URITooLong"),
+        "431": shared("HeaderFieldsTooLarge"),
+        "503": shared("TooManyConnections"),
+    }
+    server_error = {"500": shared("ServerError")}
+    not_allowed = {
+        "summary": "Not allowed: only GET and HEAD are",
+        "responses": {**request_errors, "405": shared("MethodNotAllowed")},
+    }
 
     listing_parameters = [
         {
@@ -2092,7 +2180,7 @@ def openapi_document(max_entries):
             "name": "cursor",
             "in": "query",
             "description": "Opaque position from a previous page's `next`.",
-            "schema": {"type": "string"},
+            "schema": {"type": "string", "maxLength": MAX_CURSOR_CHARS},
         },
         {
             "name": "sort",
@@ -2137,12 +2225,14 @@ def openapi_document(max_entries):
         },
     ]
     listing_headers = {
-        "ETag": {"schema": {"type": "string"}},
-        "Link": {
-            "description": 'The next page, as <URL>; rel="next".',
-            "schema": {"type": "string"},
-        },
-        "Cache-Control": {"schema": {"const": "no-cache"}},
+        "ETag": header({"type": "string", "pattern": '^"[0-9a-z-]+"$'}),
+        "Link": header(
+            {"type": "string", "pattern": '^<[^>]+>; rel="next"$'},
+            "The next page; only when there is one.",
+            required=False,
+        ),
+        "Vary": header({"const": "Accept, Accept-Encoding"}),
+        **no_cache,
     }
     listing_responses = {
         "200": {
@@ -2160,28 +2250,37 @@ def openapi_document(max_entries):
                 },
             },
         },
-        "304": {"description": "Not modified (If-None-Match matched)."},
-        "400": error("A query parameter or the cursor is not valid."),
+        "304": {
+            "description": "Not modified (If-None-Match matched).",
+            "headers": {"ETag": listing_headers["ETag"], **no_cache},
+        },
+        **request_errors,
+        "400": error(
+            "A query parameter or the cursor is not valid, or the "
+            "request head is malformed."
+        ),
         "404": error("No such directory inside the root (also any escape)."),
-        "503": error("The directory is not available."),
-        "default": error("Any other error."),
+        "503": error(
+            "The directory is not available, or over MAX_CONNECTIONS "
+            "open connections (then with Connection: close).",
+            {**no_store, "Retry-After": retry_after},
+        ),
+        **server_error,
     }
     listing_operation = {
         "parameters": listing_parameters,
         "responses": listing_responses,
     }
+    path_parameter = {
+        "name": "path",
+        "in": "path",
+        "required": True,
+        "description": "Subdirectory, relative to the root; "
+        "symlinks are not followed.",
+        "schema": {"type": "string"},
+    }
     sub_operation = {
-        "parameters": [
-            {
-                "name": "path",
-                "in": "path",
-                "required": True,
-                "description": "Subdirectory, relative to the root; "
-                "symlinks are not followed.",
-                "schema": {"type": "string"},
-            },
-            *listing_parameters,
-        ],
+        "parameters": listing_parameters,
         "responses": {
             **listing_responses,
             "403": error("The subdirectory is not readable."),
@@ -2193,78 +2292,83 @@ def openapi_document(max_entries):
         head = {"summary": summary + " (headers only)", **operation}
         return {"get": get, "head": head}
 
-    probe = {"Cache-Control": {"schema": {"const": "no-store"}}}
+    def probe(summary, responses):
+        return {
+            "get": {
+                "summary": summary,
+                "responses": {**request_errors, **responses, **server_error},
+            }
+        }
+
     document = {
         "openapi": "3.1.0",
         "info": {
             "title": "list-files",
             "version": __version__,
-            "description": "Lists one directory. Methods other than GET "
-            "and HEAD are answered 405 with Allow: GET, HEAD and an "
-            "Error body; unknown paths 404; connections over the limit "
-            "503 with Retry-After.",
+            "description": "Lists one directory. Every error has an "
+            "Error body; paths not described here are answered 404.",
         },
         "paths": {
             "/files": both(listing_operation, "List the root directory"),
-            "/files/{path}": both(sub_operation, "List a subdirectory"),
-            "/healthz": {
-                "get": {
-                    "summary": "Liveness",
-                    "responses": {
-                        "200": {
-                            "description": "The process serves.",
-                            "headers": probe,
-                            "content": json_content("Health"),
-                        },
-                        "default": error("Any other error."),
-                    },
-                }
+            "/files/{path}": {
+                "parameters": [path_parameter],
+                **both(sub_operation, "List a subdirectory"),
             },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness: the directory can be listed",
-                    "responses": {
-                        "200": {
-                            "description": "Ready.",
-                            "headers": probe,
-                            "content": json_content("Ready"),
-                        },
-                        "503": {
-                            "description": "Not ready, with the reason.",
-                            "headers": probe,
-                            "content": json_content("NotReady"),
-                        },
-                        "default": error("Any other error."),
+            "/healthz": probe(
+                "Liveness",
+                {
+                    "200": {
+                        "description": "The process serves.",
+                        "headers": no_store,
+                        "content": json_content("Health"),
                     },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus text exposition format 0.0.4",
-                    "responses": {
-                        "200": plain("Metrics."),
-                        "default": error("Any other error."),
+                },
+            ),
+            "/readyz": probe(
+                "Readiness: the directory can be listed",
+                {
+                    "200": {
+                        "description": "Ready.",
+                        "headers": no_store,
+                        "content": json_content("Ready"),
                     },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1.",
-                            "content": {
-                                "application/json": {
-                                    "schema": {"type": "object"}
+                    "503": {
+                        "description": "Not ready, with the reason; or "
+                        "over MAX_CONNECTIONS open connections (an Error, "
+                        "with Retry-After and Connection: close).",
+                        "headers": {
+                            **no_store,
+                            "Retry-After": {**retry_after, "required": False},
+                        },
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [ref("NotReady"), ref("Error")]
                                 }
-                            },
+                            }
                         },
-                        "default": error("Any other error."),
                     },
-                }
-            },
+                },
+            ),
+            "/metrics": probe(
+                "Prometheus text exposition format 0.0.4",
+                {"200": plain("Metrics.")},
+            ),
+            "/openapi.json": probe(
+                "This document",
+                {
+                    "200": {
+                        "description": "OpenAPI 3.1.",
+                        "headers": no_cache,
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}}
+                        },
+                    },
+                },
+            ),
         },
         "components": {
+            "responses": shared_responses,
             "schemas": {
                 "Entry": {
                     "type": "object",
@@ -2378,7 +2482,7 @@ def openapi_document(max_entries):
                         "reason": {"type": "string"},
                     },
                 },
-            }
+            },
         },
     }
     for operations in document["paths"].values():
@@ -2388,6 +2492,8 @@ def openapi_document(max_entries):
                 **get,
                 "summary": get["summary"] + " (headers only)",
             }
+        for method in ("put", "post", "delete", "options", "patch", "trace"):
+            operations[method] = not_allowed
     return document
 
 

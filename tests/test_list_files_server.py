@@ -2,41 +2,71 @@
 
 Every test starts the real entry point as a subprocess on 127.0.0.1
 port 0, talks HTTP to it over a real socket and stops it with SIGTERM.
+Every response a test receives is checked against the server's own
+OpenAPI document when the test ends.
 """
 
 import base64
 import contextlib
+import datetime
 import gzip
 import http.client
+import importlib.util
 import json
 import os
 import re
+import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import jsonschema
 import pytest
 from openapi_schema_validator import OAS31Validator
-from support import REPO_ROOT, assert_promtool_accepts_metrics
+from support import (
+    ON_CI,
+    REPO_ROOT,
+    assert_promtool_accepts_metrics,
+    require,
+    require_root,
+)
 
 SERVER = REPO_ROOT / "list_files_server.py"
-LISTENING = re.compile(r"listening on \S+ port (\d+)")
+README = REPO_ROOT / "README.md"
+LISTENING = re.compile(r"listening on (\S+) port (\d+)")
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 
 class ServerProcess:
-    """The server as a child process, with its output collected."""
+    """The server as a child process, with its output collected.
 
-    def __init__(self, directory, *args, env=None):
+    `address=False` leaves out --host and --port; `run_as` is a command
+    prefix such as NOBODY, and `command` the interpreter and script.
+    """
+
+    def __init__(
+        self,
+        directory,
+        *args,
+        env=None,
+        address=True,
+        run_as=(),
+        command=(sys.executable, str(SERVER)),
+    ):
         environment = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1"}
         environment.update(env or {})
-        argv = [sys.executable, str(SERVER)]
+        argv = [*run_as, *command]
         if directory is not None:
             argv += ["--dir", str(directory)]
-        argv += ["--host", "127.0.0.1", "--port", "0", *args]
+        if address:
+            argv += ["--host", "127.0.0.1", "--port", "0"]
+        argv += args
         self.process = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -49,7 +79,7 @@ class ServerProcess:
         self.stderr_lines = []
         self.responses = []
         self.spec = None
-        self.port = None
+        self.host = self.port = None
         self.ready = threading.Event()
         self.readers = [
             threading.Thread(
@@ -74,7 +104,8 @@ class ServerProcess:
             lines.append(line)
             match = LISTENING.search(line)
             if match and self.port is None:
-                self.port = int(match.group(1))
+                self.host = match.group(1)
+                self.port = int(match.group(2))
                 self.ready.set()
         self.ready.set()
 
@@ -86,18 +117,22 @@ class ServerProcess:
 
     def connect(self, timeout=10):
         return http.client.HTTPConnection(
-            "127.0.0.1", self.port, timeout=timeout
+            self.host, self.port, timeout=timeout
         )
 
     def request(self, path, method="GET", headers=None):
         connection = self.connect()
         try:
-            connection.request(method, path, headers=headers or {})
-            response = connection.getresponse()
-            body = response.read()
-            response_headers = dict(response.getheaders())
+            return self.exchange(connection, path, method, headers)
         finally:
             connection.close()
+
+    def exchange(self, connection, path, method="GET", headers=None):
+        """One request on an open connection: (status, headers, body)."""
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        body = response.read()
+        response_headers = dict(response.getheaders())
         self.record(method, path, response.status, response_headers, body)
         return response.status, response_headers, body
 
@@ -163,8 +198,8 @@ def many_files(tmp_path_factory):
 def start_server():
     started = []
 
-    def start(directory, *args, env=None):
-        server = ServerProcess(directory, *args, env=env)
+    def start(directory, *args, **options):
+        server = ServerProcess(directory, *args, **options)
         started.append(server)
         return server
 
@@ -184,23 +219,47 @@ def server(start_server, files):
 
 def raw_exchange(server, data, timeout=10):
     """Send raw bytes, return everything received until EOF."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout) as s:
+    address = (server.host, server.port)
+    with socket.create_connection(address, timeout) as s:
         s.sendall(data)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    reply = b"".join(chunks)
-    head, _, body = reply.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
+        reply = read_until_closed(s)
     words = data.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
     method, path = [*words, "-", "-"][:2]
-    server.record(method, path, int(lines[0].split()[1]), headers, body)
+    server.record(method, path, *parse_reply(reply))
     return reply
 
 
-def check_against_spec(spec, method, path, status, headers, body):
-    """Validate one response against the OpenAPI document."""
+def read_until_closed(sock):
+    """Everything the peer sends until it closes (or resets)."""
+    chunks = []
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_reply(reply):
+    """(status, headers, body) of one HTTP response in raw bytes."""
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+# What a request gets that the document has no operation for: the
+# answers to a head too broken or too big to be routed, plus 404 for a
+# path it does not describe or 405 for a method it does not.
+UNROUTED = {
+    "400": "BadRequest",
+    "408": "RequestTimeout",
+    "414": "URITooLong",
+    "431": "HeaderFieldsTooLarge",
+    "503": "TooManyConnections",
+}
+
+
+def declared_responses(spec, method, path):
+    """The responses the document allows for this request."""
     path = path.partition("?")[0]
     if path in ("/files", "/files/"):
         template = "/files"
@@ -208,22 +267,61 @@ def check_against_spec(spec, method, path, status, headers, body):
         template = "/files/{path}"
     else:
         template = path
-    operation = spec["paths"].get(template, {}).get(method.lower())
-    if operation is None:
-        assert status in (400, 404, 405, 408, 414, 431, 503), (method, path)
-        response = {"content": {"application/json": {"schema": ERROR_REF}}}
+    operations = spec["paths"].get(template)
+    if operations is not None and method.lower() in operations:
+        return operations[method.lower()]["responses"]
+    if operations is None:
+        extra = {"404": "NotFound"}
     else:
-        responses = operation["responses"]
-        response = responses.get(str(status), responses["default"])
+        extra = {"405": "MethodNotAllowed"}
+    return {
+        status: {"$ref": f"#/components/responses/{name}"}
+        for status, name in {**UNROUTED, **extra}.items()
+    }
+
+
+def resolve(spec, node):
+    """Follow a local $ref ("#/components/...") to what it names."""
+    while "$ref" in node:
+        target = spec
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def check_against_spec(spec, method, path, status, headers, body):
+    """Validate one response against the OpenAPI document.
+
+    The status must be declared for the operation (there is no
+    default), every required header must be sent, every declared
+    header that is sent must match its schema, and the body must match
+    the schema of its media type.
+    """
+    responses = declared_responses(spec, method, path)
+    assert str(status) in responses, (
+        f"{method} {path}: status {status} is not declared"
+    )
+    response = resolve(spec, responses[str(status)])
+    sent = {name.lower(): value for name, value in headers.items()}
     for name, header in response.get("headers", {}).items():
-        if "const" in header["schema"]:
-            assert headers[name] == header["schema"]["const"], name
+        value = sent.get(name.lower())
+        if value is None:
+            assert not header.get("required"), (
+                f"{method} {path}: {status} without the header {name}"
+            )
+            continue
+        OAS31Validator(header["schema"]).validate(value)
     if status == 304 or method == "HEAD":
         assert body == b""
         return
-    media_type = headers["Content-Type"].split(";")[0]
-    schema = response["content"][media_type]["schema"]
-    if headers.get("Content-Encoding") == "gzip":
+    media_type = sent["content-type"].split(";")[0]
+    content = response.get("content", {})
+    assert media_type in content, (
+        f"{method} {path}: {status} as {media_type} is not declared"
+    )
+    schema = content[media_type]["schema"]
+    if sent.get("content-encoding") == "gzip":
         body = gzip.decompress(body)
     if media_type == "application/json":
         instance = json.loads(body)
@@ -233,9 +331,6 @@ def check_against_spec(spec, method, path, status, headers, body):
         {**schema, "components": spec["components"]},
         format_checker=OAS31Validator.FORMAT_CHECKER,
     ).validate(instance)
-
-
-ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
 
 def names(document):
@@ -313,12 +408,14 @@ def test_traversal_attempts_get_404(server, path):
 
 def test_unknown_path_is_404_and_other_methods_405(server):
     assert server.get_json("/nope", status=404)["error"]["status"] == 404
-    status, headers, body = server.request("/files", method="POST")
-    assert status == 405
-    assert headers["Allow"] == "GET, HEAD"
-    assert json.loads(body) == {
-        "error": {"status": 405, "message": "method not allowed"}
-    }
+    for path in ("/files", "/files/sub", "/healthz", "/openapi.json"):
+        for method in ("POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"):
+            status, headers, body = server.request(path, method=method)
+            assert status == 405, (method, path)
+            assert headers["Allow"] == "GET, HEAD"
+            assert json.loads(body) == {
+                "error": {"status": 405, "message": "method not allowed"}
+            }
 
 
 def test_sigterm_when_idle_exits_0(server):
@@ -329,8 +426,8 @@ def test_sigterm_when_idle_exits_0(server):
 
 def test_sigint_exits_0_with_an_idle_keepalive_connection(server):
     connection = server.connect()
-    connection.request("GET", "/healthz")
-    assert connection.getresponse().read() == b'{"status":"ok"}\n'
+    _, _, body = server.exchange(connection, "/healthz")
+    assert body == b'{"status":"ok"}\n'
     assert server.stop(signal.SIGINT) == 0
     connection.close()
 
@@ -373,6 +470,72 @@ def test_bad_configuration_exits_2_with_one_line(args, env, message, tmp_path):
     assert result.returncode == 2
     assert result.stderr == f"list_files_server.py: error: {message}\n"
     assert result.stdout == ""
+
+
+def free_ports(count):
+    """Distinct TCP ports free on 127.0.0.1 just now."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
+def refuses(host, port):
+    try:
+        socket.create_connection((host, port), 5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def one_file_directory(parent, name):
+    directory = parent / name
+    directory.mkdir()
+    (directory / f"{name}.txt").touch()
+    return directory
+
+
+def test_port_dir_and_host_come_from_the_environment(start_server, tmp_path):
+    directory = one_file_directory(tmp_path, "from-env")
+    (port,) = free_ports(1)
+    server = start_server(
+        None,
+        address=False,
+        env={
+            "FILE_DIRECTORY": str(directory),
+            "HOST": "127.0.0.2",
+            "PORT": str(port),
+        },
+    )
+    assert (server.host, server.port) == ("127.0.0.2", port)
+    assert names(server.get_json("/files")) == ["from-env.txt"]
+    assert refuses("127.0.0.1", port)
+
+
+def test_flags_override_port_dir_and_host_from_the_environment(
+    start_server, tmp_path
+):
+    env_directory = one_file_directory(tmp_path, "from-env")
+    flag_directory = one_file_directory(tmp_path, "from-flag")
+    env_port, flag_port = free_ports(2)
+    server = start_server(
+        flag_directory,
+        "--host",
+        "127.0.0.3",
+        "--port",
+        str(flag_port),
+        address=False,
+        env={
+            "FILE_DIRECTORY": str(env_directory),
+            "HOST": "127.0.0.2",
+            "PORT": str(env_port),
+        },
+    )
+    assert (server.host, server.port) == ("127.0.0.3", flag_port)
+    assert names(server.get_json("/files")) == ["from-flag.txt"]
+    assert refuses("127.0.0.2", flag_port)
+    assert refuses("127.0.0.2", env_port)
 
 
 def test_access_log_off_leaves_stdout_empty(start_server, files):
@@ -426,11 +589,13 @@ def test_log_level_warning_hides_info_lines(tmp_path):
 
 
 def test_access_log_is_one_json_line_per_request(server):
+    before = datetime.datetime.now(datetime.UTC)
     reply = raw_exchange(
         server,
         b"GET /files/sub?x=\x1b[31m HTTP/1.1\r\nHost: t\r\n"
         b"Connection: close\r\n\r\n",
     )
+    after = datetime.datetime.now(datetime.UTC)
     assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     server.stop()
     entries = server.access_log()
@@ -445,6 +610,15 @@ def test_access_log_is_one_json_line_per_request(server):
     assert entry["client"] == "127.0.0.1"
     assert isinstance(entry["bytes"], int) and entry["bytes"] > 0
     assert isinstance(entry["duration"], float)
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", entry["time"]
+    )
+    logged = datetime.datetime.fromisoformat(entry["time"])
+    assert logged.utcoffset() == datetime.timedelta(0)
+    # stamped while the request was answered; a second of slack covers
+    # the rounding to microseconds and any adjustment of the clock
+    second = datetime.timedelta(seconds=1)
+    assert before - second < logged < after + second
     assert "\x1b" not in server.stdout_lines[0]
     assert "\\u001b" in server.stdout_lines[0]
 
@@ -499,8 +673,7 @@ def test_connection_gauges_count_idle_keep_alive_connections(server):
     idle = [server.connect() for _ in range(3)]
     try:
         for connection in idle:
-            connection.request("GET", "/healthz")
-            assert connection.getresponse().read()
+            assert server.exchange(connection, "/healthz")[0] == 200
         status, _, body = server.request("/metrics")
         assert status == 200
         text = body.decode()
@@ -686,6 +859,108 @@ def test_a_cursor_only_works_for_the_query_it_came_from(
     ]
 
 
+INVALID_CURSOR = {"error": {"status": 400, "message": "cursor is not valid"}}
+
+
+def urlsafe_b64(raw):
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def first_cursor(server, query):
+    """The cursor of the first page of `query` (limit=1), decoded."""
+    document = server.get_json(f"/files?limit=1&{query}")
+    text = re.search(r"cursor=([^&]+)", document["next"]).group(1)
+    return json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+
+
+def test_a_forged_cursor_of_the_wrong_shape_is_400_never_500(server):
+    """Forged with the right fingerprint, so that only the shape of the
+    value can reject it: types that do not compare with the listing's
+    sort keys used to get as far as the search, and a 500."""
+    for sort in ("name", "mtime", "size"):
+        version, fingerprint, position, *key = first_cursor(
+            server, f"sort={sort}"
+        )
+        assert (version, position) == (1, 1)
+        # the key of the other kind of sort: (size, name) or (name,)
+        other_key = [5, "a.txt"] if sort == "name" else ["a.txt"]
+        forged = [
+            [1, fingerprint, 0, *other_key],
+            [1, fingerprint, 0, 5],
+            [1, fingerprint, 0, "x", 5],
+            [1, fingerprint, 0, "x", "a.txt"],
+            [1, fingerprint, 0, 5, 5, "a.txt"],
+            [1, fingerprint, 0, True, "a.txt"],
+            [1, fingerprint, 0, 0.5, "a.txt"],
+            [1, fingerprint, 0, [0], "a.txt"],
+            [1, fingerprint, 0, ["a.txt"]],
+            [1, fingerprint, 0, None],
+            [1, fingerprint, 0, {"name": "a.txt"}],
+            [True, fingerprint, 0, *key],
+            [1.0, fingerprint, 0, *key],
+            [1, fingerprint, True, *key],
+            [1, fingerprint, -1, *key],
+            [1, fingerprint, 0.0, *key],
+            [1, fingerprint, [0], *key],
+            [1, str(fingerprint), 0, *key],
+            [[1], fingerprint, 0, *key],
+            [1, fingerprint, 0],
+            [],
+            {"version": 1, "fingerprint": fingerprint},
+            "a.txt",
+            7,
+            None,
+        ]
+        for value in forged:
+            cursor = urlsafe_b64(json.dumps(value).encode())
+            path = f"/files?limit=1&sort={sort}&cursor={cursor}"
+            document = server.get_json(path, status=400)
+            assert document == INVALID_CURSOR, (sort, value)
+        # the same fingerprint with the right shape is taken
+        cursor = urlsafe_b64(json.dumps([1, fingerprint, 0, *key]).encode())
+        document = server.get_json(
+            f"/files?limit=1&sort={sort}&cursor={cursor}"
+        )
+        assert document["count"] == 1
+
+
+def test_a_deeply_nested_or_over_long_cursor_is_400_never_500(server):
+    _, fingerprint, _, name = first_cursor(server, "sort=name")
+    for cursor in (
+        urlsafe_b64(b"[" * 3000),  # deeper than json.loads can recurse
+        urlsafe_b64(b"[" * 1000 + b"1" + b"]" * 1000),
+        # a well-formed cursor, but longer than any the server makes
+        urlsafe_b64(json.dumps([1, fingerprint, 0, name * 700]).encode()),
+        "A" * 4097,
+    ):
+        document = server.get_json(f"/files?cursor={cursor}", status=400)
+        assert document == INVALID_CURSOR, cursor[:40]
+    # too long for a request line: refused before the query is read
+    cursor = urlsafe_b64(b"[" * 100_000).encode()
+    reply = raw_exchange(
+        server, b"GET /files?cursor=" + cursor + b" HTTP/1.1\r\n\r\n"
+    )
+    assert reply.startswith(b"HTTP/1.1 414 ")
+
+
+def test_the_longest_cursor_the_server_makes_is_accepted(
+    start_server, tmp_path
+):
+    """255 bytes that are not UTF-8 escape to the longest JSON name."""
+    for byte in (b"\xfe", b"\xff"):
+        name = os.path.join(os.fsencode(tmp_path), byte * 255)
+        os.close(os.open(name, os.O_CREAT))
+    server = start_server(tmp_path)
+    first = server.get_json("/files?limit=1&sort=mtime&order=desc")
+    cursor = re.search(r"cursor=([^&]+)", first["next"]).group(1)
+    assert 2000 < len(cursor) < 4096
+    second = server.get_json(first["next"])
+    assert second["count"] == 1
+    assert {first["files"][0]["name_b64"], second["files"][0]["name_b64"]} == {
+        base64.b64encode(byte * 255).decode() for byte in (b"\xfe", b"\xff")
+    }
+
+
 def test_odd_names_are_listed_losslessly(start_server, tmp_path):
     odd = [
         b"with space",
@@ -830,8 +1105,7 @@ def test_a_change_right_after_a_listing_shows_in_the_next(
     seen = []
 
     def listing():
-        connection.request("GET", "/files")
-        return names(json.loads(connection.getresponse().read()))
+        return names(json.loads(server.exchange(connection, "/files")[2]))
 
     for number in range(40):
         seen.append(listing())
@@ -844,6 +1118,84 @@ def test_a_change_right_after_a_listing_shows_in_the_next(
         os.unlink(tmp_path / f"r{number:03d}")
         assert listing() == []
     connection.close()
+
+
+@pytest.fixture
+def coarse_directory(tmp_path):
+    """A directory whose timestamps have whole seconds: the root of an
+    ext2 file system with 128-byte inodes, loop-mounted.
+
+    Here ext4 and tmpfs keep nanoseconds and the kernel gives every
+    change a new ctime, so only such a file system lets a change leave
+    the directory's stat exactly as it was.
+    """
+    require_root()
+    image = tmp_path / "coarse.img"
+    with open(image, "wb") as stream:
+        stream.truncate(8 << 20)
+    subprocess.run(
+        [require("mkfs.ext2"), "-q", "-F", "-I", "128", str(image)],
+        capture_output=True,
+        check=True,
+    )
+    mountpoint = tmp_path / "coarse"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        [require("mount"), "-o", "loop", str(image), str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        message = f"cannot loop-mount ext2: {mounted.stderr.strip()}"
+        if ON_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def directory_identity(st):
+    """What the server compares to decide a scan is still valid."""
+    return (
+        st.st_dev,
+        st.st_ino,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_size,
+        st.st_nlink,
+        st.st_mode,
+    )
+
+
+@pytest.mark.root
+def test_a_change_that_leaves_the_directory_stat_unchanged_still_shows(
+    coarse_directory, start_server
+):
+    """The "racy" guard: a scan that started within the directory's
+    timestamp granularity of its mtime is not trusted for later
+    requests, because a change right after it may not show in the
+    directory's stat at all."""
+    root = coarse_directory
+    server = start_server(root)
+    unchanged = 0
+    for attempt in range(10):
+        # start just after a second begins: the steps below then share
+        # the directory's one-second timestamps
+        time.sleep(1.05 - time.time() % 1)
+        (root / f"seen{attempt}").touch()
+        before = os.stat(root)
+        assert f"seen{attempt}" in names(server.get_json("/files"))
+        (root / f"new{attempt}").touch()
+        os.utime(root, ns=(before.st_atime_ns, before.st_mtime_ns))
+        if directory_identity(os.stat(root)) == directory_identity(before):
+            unchanged += 1
+        assert f"new{attempt}" in names(server.get_json("/files"))
+        if unchanged == 2:
+            break
+    assert unchanged, "every change moved the directory's stat"
 
 
 def test_size_and_mtime_are_re_read_after_twice_the_stat_ttl(
@@ -880,6 +1232,72 @@ def test_size_and_mtime_within_the_stat_ttl_come_from_the_cache(
         ("growing", 5),
         ("new", 0),
     ]
+
+
+def process_ids(pid):
+    """The real, effective, saved and fs uids and gids of a process."""
+    with open(f"/proc/{pid}/status") as status:
+        lines = dict(line.split(":", 1) for line in status)
+    return lines["Uid"].split(), lines["Gid"].split()
+
+
+@pytest.mark.root
+def test_permission_errors_as_an_unprivileged_user(start_server):
+    """As uid 65534 (root would bypass every permission): a subdirectory
+    it cannot open is 403, entries it cannot stat are listed with null
+    size and mtime, and a root it cannot open is 503."""
+    require_root()
+    require("setpriv")
+    with tempfile.TemporaryDirectory(prefix="list-files-") as base:
+        Path(base).chmod(0o755)
+        root = Path(base) / "files"
+        (root / "locked").mkdir(parents=True)
+        (root / "blind").mkdir()
+        for name in ("x", "y"):
+            (root / "blind" / name).write_bytes(b"data")
+        (root / "locked").chmod(0)
+        (root / "blind").chmod(0o444)  # names readable, entries not
+        # The checkout and the test's interpreter may sit below a
+        # directory uid 65534 cannot enter (/root): a copy of the script
+        # and the system's python3 (the server needs no package).
+        script = Path(base) / SERVER.name
+        shutil.copyfile(SERVER, script)
+        python = shutil.which("python3", path="/usr/bin:/bin")
+        server = start_server(
+            root, run_as=NOBODY, command=(python or sys.executable, script)
+        )
+        assert process_ids(server.process.pid) == (["65534"] * 4,) * 2
+
+        assert names(server.get_json("/files")) == ["blind", "locked"]
+        assert server.get_json("/files/locked", status=403) == {
+            "error": {
+                "status": 403,
+                "message": "the directory is not readable",
+            }
+        }
+        for query in ("", "?sort=size", "?sort=mtime&order=desc"):
+            document = server.get_json("/files/blind" + query)
+            assert sorted(document["files"], key=lambda e: e["name"]) == [
+                {"name": name, "type": "other", "size": None, "mtime": None}
+                for name in ("x", "y")
+            ]
+        assert server.get_json("/readyz") == {"status": "ready"}
+
+        root.chmod(0)
+        for path in ("/files", "/files/blind"):
+            assert server.get_json(path, status=503) == {
+                "error": {
+                    "status": 503,
+                    "message": "the directory is not available",
+                }
+            }
+        assert server.get_json("/readyz", status=503) == {
+            "status": "not ready",
+            "reason": "the directory is not readable",
+        }
+        root.chmod(0o755)
+        assert server.get_json("/readyz") == {"status": "ready"}
+        assert server.stop() == 0
 
 
 # -------------------------------------------------------- HTTP features
@@ -951,12 +1369,9 @@ def test_text_format_by_accept_or_query(server):
 def test_keep_alive_serves_many_requests_on_one_connection(server):
     connection = server.connect()
     for _ in range(5):
-        connection.request("GET", "/files")
-        response = connection.getresponse()
-        assert response.status == 200
-        assert len(response.read()) == int(
-            response.getheader("Content-Length")
-        )
+        status, headers, body = server.exchange(connection, "/files")
+        assert status == 200
+        assert len(body) == int(headers["Content-Length"])
     connection.close()
 
 
@@ -980,6 +1395,27 @@ def test_oversized_request_line_is_414_and_headers_431(server):
     )
 
 
+def test_100_header_fields_are_served_and_101_get_431(server):
+    for count, distinct, status in (
+        (100, True, 200),
+        (100, False, 200),
+        (101, True, 431),
+        (101, False, 431),
+    ):
+        fields = [b"Host: t", b"Connection: close"]
+        for number in range(count - len(fields)):
+            name = b"X-F%d" % number if distinct else b"X-Same"
+            fields.append(name + b": v")
+        request = b"GET /files HTTP/1.1\r\n" + b"\r\n".join(fields)
+        reply = raw_exchange(server, request + b"\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 %d " % status), (count, distinct)
+        if status == 431:
+            assert reply.endswith(
+                b'{"error":{"status":431,"message":"too many header fields"}}'
+                b"\n"
+            )
+
+
 def test_malformed_requests_get_400(server):
     for request in (
         b"GARBAGE\r\n\r\n",
@@ -991,6 +1427,22 @@ def test_malformed_requests_get_400(server):
         assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), request
 
 
+def test_a_head_ends_at_its_first_empty_line_whatever_the_line_ends(server):
+    """A CRLF line then a bare LF is the empty line that ends a head: the
+    request after it is a request of its own, not more header fields."""
+    address = (server.host, server.port)
+    with socket.create_connection(address, 10) as s:
+        s.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\n\n"
+            b"GET /readyz HTTP/1.1\nHost: a\nConnection: close\n\r\n"
+        )
+        reply = read_until_closed(s)
+    statuses = re.findall(rb"^HTTP/1.1 (\d+) ", reply, re.MULTILINE)
+    assert statuses == [b"200", b"200"], reply
+    assert b'"status":"ok"' in reply.replace(b" ", b"")
+    assert b'"status":"ready"' in reply.replace(b" ", b"")
+
+
 # ---------------------------------------------------------- resilience
 
 
@@ -998,15 +1450,14 @@ def test_a_slow_client_is_cut_off_and_does_not_pin_the_server(
     start_server, files
 ):
     server = start_server(files, "--timeout", "1")
-    slow = socket.create_connection(("127.0.0.1", server.port))
+    slow = socket.create_connection((server.host, server.port))
     slow.sendall(b"GET /files HTT")
-    idle = socket.create_connection(("127.0.0.1", server.port))
+    idle = socket.create_connection((server.host, server.port))
     assert server.get_json("/healthz") == {"status": "ok"}
     slow.settimeout(10)
-    reply = b""
-    while chunk := slow.recv(4096):
-        reply += chunk
+    reply = read_until_closed(slow)
     assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    server.record("GET", "/files", *parse_reply(reply))
     idle.settimeout(10)
     assert idle.recv(4096) == b""
     slow.close()
@@ -1016,25 +1467,41 @@ def test_a_slow_client_is_cut_off_and_does_not_pin_the_server(
 def test_a_trickling_client_is_cut_off_by_the_request_deadline(
     start_server, files
 ):
-    server = start_server(files, "--timeout", "1")
-    trickle = socket.create_connection(("127.0.0.1", server.port))
-    trickle.settimeout(10)
-    cut_off = False
-    for byte in b"GET /files HTTP/1.1\r\nX-Padding: " + b"p" * 60:
-        try:
-            trickle.sendall(bytes([byte]))
-        except OSError:
-            cut_off = True
-            break
-        time.sleep(0.05)
-    reply = trickle.recv(4096)
-    assert cut_off or reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
-    trickle.close()
+    """A byte every 50 ms never lets the 1 s idle timeout expire; the
+    deadline for the whole head, 1 s from its first byte, does, long
+    before the 10 s this head would take to arrive."""
+    timeout = 1.0
+    server = start_server(files, "--timeout", str(timeout))
+    head = (
+        b"GET /files HTTP/1.1\r\nHost: t\r\nX-Padding: "
+        + b"p" * 170
+        + b"\r\n\r\n"
+    )
+    assert len(head) * 0.05 >= 10 * timeout
+    with socket.create_connection((server.host, server.port), 10) as sock:
+        started = time.monotonic()
+        sock.sendall(head[:1])
+        sent = 1
+        while sent < len(head):
+            answered, _, _ = select.select([sock], [], [], 0.05)
+            if answered:
+                break
+            sock.sendall(head[sent : sent + 1])
+            sent += 1
+        elapsed = time.monotonic() - started
+        reply = read_until_closed(sock)
+    assert sent < len(head), "the whole head arrived: no deadline"
+    # kernel timeouts count whole clock ticks: one may end a tick early
+    assert elapsed > timeout - 0.05
+    assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b"Connection: close\r\n" in reply
+    server.record("GET", "/files", *parse_reply(reply))
 
 
 def test_connections_over_the_cap_get_503_and_are_counted(start_server, files):
     server = start_server(files, "--max-connections", "2")
-    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in "ab"]
+    address = (server.host, server.port)
+    held = [socket.create_connection(address) for _ in "ab"]
     for sock in held:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         sock.settimeout(10)
@@ -1067,7 +1534,7 @@ def pipeline_listings(server, count):
     receive buffer, so the server blocks sending the answers."""
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    client.connect(("127.0.0.1", server.port))
+    client.connect((server.host, server.port))
     client.sendall(b"GET /files HTTP/1.1\r\nHost: t\r\n\r\n" * count)
     return client
 
@@ -1093,8 +1560,8 @@ def blocked_sending(server, polls=3):
     return len(seen) == 1 and None not in seen
 
 
-def read_responses(client):
-    """Parse complete responses from the stream until EOF."""
+def read_responses(server, client):
+    """Parse complete responses to GET /files until EOF; record them."""
     client.settimeout(60)
     data = b""
     while chunk := client.recv(1 << 20):
@@ -1107,6 +1574,8 @@ def read_responses(client):
         assert len(rest) >= length, "a response was cut short"
         responses.append((head, rest[:length]))
         data = rest[length:]
+        reply = head + b"\r\n\r\n" + responses[-1][1]
+        server.record("GET", "/files", *parse_reply(reply))
     return responses
 
 
@@ -1118,7 +1587,7 @@ def test_sigterm_finishes_the_in_flight_response_then_closes(
     assert wait_until(lambda: in_flight(server) >= 2)
     server.load_spec()
     server.process.send_signal(signal.SIGTERM)
-    responses = read_responses(client)
+    responses = read_responses(server, client)
     assert 1 <= len(responses) < 30
     for head, body in responses:
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
@@ -1248,6 +1717,21 @@ def test_openapi_document_is_valid_openapi_3_1(server):
     }
     for schema in spec["components"]["schemas"].values():
         OAS31Validator.check_schema(schema)
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method == "parameters":
+                continue
+            responses = operation["responses"]
+            assert "default" not in responses, (method, path)
+            for response in responses.values():
+                response = resolve(spec, response)
+                assert response["description"]
+                for header in response.get("headers", {}).values():
+                    OAS31Validator.check_schema(header["schema"])
+    references = re.findall(r'"\$ref": "([^"]+)"', json.dumps(spec))
+    assert references
+    for reference in set(references):
+        resolve(spec, {"$ref": reference})  # KeyError when dangling
     listing = spec["paths"]["/files"]["get"]
     assert [p["name"] for p in listing["parameters"]] == [
         "limit",
@@ -1263,15 +1747,37 @@ def test_openapi_document_is_valid_openapi_3_1(server):
 
 def test_validation_against_the_spec_catches_a_wrong_body(server):
     spec = server.get_json("/openapi.json")
+    _, headers, body = server.request("/files")
+    check_against_spec(spec, "GET", "/files", 200, headers, body)
     with pytest.raises(jsonschema.ValidationError):
-        check_against_spec(
-            spec,
-            "GET",
-            "/files",
-            200,
-            {"Content-Type": "application/json", "Cache-Control": "no-cache"},
-            b'{"files": []}',
-        )
+        check_against_spec(spec, "GET", "/files", 200, headers, b'{"x":1}')
+
+
+def test_validation_against_the_spec_catches_a_status_or_header(server):
+    spec = server.get_json("/openapi.json")
+    _, headers, body = server.request("/files")
+    _, error_headers, error_body = server.request("/files", method="POST")
+    check_against_spec(spec, "POST", "/files", 405, error_headers, error_body)
+    without_etag = {k: v for k, v in headers.items() if k != "ETag"}
+    without_allow = {k: v for k, v in error_headers.items() if k != "Allow"}
+    for method, path, status, sent, received, reason in (
+        ("GET", "/files", 418, headers, body, "418 is not declared"),
+        ("GET", "/files", 200, without_etag, body, "without the header ETag"),
+        ("POST", "/files", 405, without_allow, error_body, "header Allow"),
+        ("GET", "/nowhere", 405, error_headers, error_body, "405 is not"),
+        ("POST", "/nowhere", 405, error_headers, error_body, "405 is not"),
+    ):
+        with pytest.raises(AssertionError, match=reason):
+            check_against_spec(spec, method, path, status, sent, received)
+    for name, value in (
+        ("ETag", 'W/"0f"'),
+        ("Cache-Control", "no-store"),
+        ("Link", "</files?cursor=x>"),
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            check_against_spec(
+                spec, "GET", "/files", 200, {**headers, name: value}, body
+            )
 
 
 def test_help_and_version_exit_0():
@@ -1290,3 +1796,45 @@ def test_help_and_version_exit_0():
         assert result.returncode == 0
         assert result.stdout.startswith(start)
         assert result.stderr == ""
+
+
+def load_server_module():
+    spec = importlib.util.spec_from_file_location("list_files_server", SERVER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def readme_api_section():
+    text = README.read_text()
+    start = text.index("## The API: `list_files_server.py`")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_every_flag_and_variable_is_in_help_and_the_readme():
+    parser = load_server_module().build_parser({})
+    flags = {o for action in parser._actions for o in action.option_strings}
+    variables = {a.metavar for a in parser._actions if a.metavar}
+    # and any variable read outside the parser
+    source = SERVER.read_text()
+    variables |= set(
+        re.findall(r"""(?:environ\.get|getenv)\(\s*["']([A-Z_]+)""", source)
+    )
+    variables |= set(re.findall(r"""environ\[\s*["']([A-Z_]+)""", source))
+    assert {"--dir", "--port", "--host", "--version"} <= flags
+    assert {"FILE_DIRECTORY", "PORT", "HOST"} <= variables
+    result = subprocess.run(
+        [sys.executable, str(SERVER), "--help"],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
+        timeout=20,
+        check=True,
+    )
+    readme = readme_api_section()
+    for flag in sorted(flags):
+        assert re.search(rf"(^|[\s,\[]){flag}\b", result.stdout), flag
+        assert f"`{flag}`" in readme, flag
+    for variable in sorted(variables):
+        assert f"${variable}" in result.stdout, variable
+        assert f"`{variable}`" in readme, variable
