@@ -623,6 +623,16 @@ def test_access_log_is_one_json_line_per_request(server):
     assert "\\u001b" in server.stdout_lines[0]
 
 
+def test_access_log_lines_are_written_while_the_server_runs(server):
+    """Lines are batched by a writer thread, not held until exit."""
+    for number in range(3):
+        server.get_json(f"/files?limit={number + 1}")
+        assert wait_until(lambda n=number: len(server.stdout_lines) > n)
+    assert server.process.poll() is None
+    paths = [entry["path"] for entry in server.access_log()]
+    assert paths == [f"/files?limit={n + 1}" for n in range(3)]
+
+
 def test_access_log_lines_stay_whole_under_concurrent_long_requests(server):
     """Lines longer than PIPE_BUF could interleave in a pipe: the server
     shortens them, and every line written concurrently stays whole."""
