@@ -344,11 +344,14 @@ def nginx_server(nginx, directory, workdir):
     )
 
 
-def python_server(python, name, script, directory, workdir):
+def python_server(python, name, script, directory, workdir, cpus=None):
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     argv = [python, str(script), "--dir", str(directory)]
     argv += ["--port", str(port), "--host", "127.0.0.1"]
+    if cpus:
+        # taskset execs the server: same process, every thread pinned
+        argv = ["taskset", "--cpu-list", cpus, *argv]
     return ServerProcess(
         name=name,
         argv=argv,
@@ -888,7 +891,12 @@ def print_report(report):
     lines = [
         f"## list_files_server.py benchmark, {report['date']}",
         "",
-        describe_server(report["project_server"]) + ".",
+        describe_server(report["project_server"])
+        + (
+            f", pinned to CPU {report['settings']['project_cpus']} (taskset)."
+            if report["settings"].get("project_cpus")
+            else "."
+        ),
         "",
         f"{report['machine']['cpus']} CPUs, {report['machine']['kernel']},"
         f" Python {report['machine']['python']}, "
@@ -1046,6 +1054,13 @@ def parse_args(argv):
         default=sys.executable,
         help="interpreter that runs both Python servers",
     )
+    parser.add_argument(
+        "--project-cpus",
+        metavar="LIST",
+        help="run the project server under taskset --cpu-list LIST, "
+        "e.g. 1: its threads share one GIL, and on one CPU handing it "
+        "over is cheap (default: not pinned, as the other servers)",
+    )
     parser.add_argument("--nginx", default="/usr/sbin/nginx", help="nginx")
     parser.add_argument("--wrk", default="/usr/bin/wrk", help="wrk")
     parser.add_argument(
@@ -1083,6 +1098,8 @@ def check_tools(args):
             raise BenchError(f"{tool} not found at {path}; {APT_HINT}")
     if "project" in args.servers and not args.server.is_file():
         raise BenchError(f"project server not found: {args.server}")
+    if args.project_cpus and shutil.which("taskset") is None:
+        raise BenchError("--project-cpus needs taskset (util-linux)")
 
 
 def stop_all(running):
@@ -1104,7 +1121,12 @@ def start_servers(args, directory, workdir, running):
             )
         else:
             server = python_server(
-                args.python, "project", args.server, directory, workdir
+                args.python,
+                "project",
+                args.server,
+                directory,
+                workdir,
+                args.project_cpus,
             )
         server.start()
         servers.append(server)
@@ -1184,6 +1206,7 @@ def benchmark(args, running, run_dir):
             "repeats": args.repeats,
             "max_entries": args.max_entries,
             "servers": args.servers,
+            "project_cpus": args.project_cpus,
         },
         "load_before": load_average(),
         "load": {},
