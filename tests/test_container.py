@@ -24,6 +24,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -446,6 +447,35 @@ def test_hardened_flags_and_an_arbitrary_user_still_serve(
     assert "Read-only file system: '/tmp/probe'" in write_root.stderr
     assert "Read-only file system: '/data/files/probe'" in write_mount.stderr
     assert not (files_dir / "probe").exists()
+
+
+def test_pinned_to_one_cpu_every_thread_stays_there_and_serves(
+    docker, image, files_dir
+):
+    """The README's `--cpuset-cpus`: the server and the threads it starts
+    per connection all run on that one CPU."""
+    cpu = max(os.sched_getaffinity(0))
+    mount = f"{files_dir}:/data/files:ro"
+    flags = ("--cpuset-cpus", str(cpu), "-v", mount)
+    with running(docker, image, *flags) as container:
+        address = container.wait_until_serving()
+        with socket.create_connection(address, 10) as idle:
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert idle.recv(4096).startswith(b"HTTP/1.1 200 ")
+            files = http_get(address, "/files")
+            threads = container.python(
+                "import glob\n"
+                "for path in glob.glob('/proc/1/task/*/status'):\n"
+                "    for line in open(path):\n"
+                "        if line.startswith('Cpus_allowed_list:'):\n"
+                "            print(line.split()[1])\n"
+            )
+
+    assert files[0] == 200
+    assert file_names(files[2]) == ["notas fiscais.txt", "relatorio.csv"]
+    allowed = threads.stdout.split()
+    assert len(allowed) >= 3, threads  # main, accept, a connection's
+    assert set(allowed) == {str(cpu)}
 
 
 # Image contents ----------------------------------------------------------
