@@ -839,6 +839,8 @@ def decode_cursor(text, fingerprint, sort):
     _, made_for, position, *key = value
     if made_for != fingerprint:
         raise HTTPError(400, "cursor belongs to a different query")
+    # after the fingerprint, which covers the sort: a real cursor of
+    # another sort is "a different query", not "not valid"
     if len(key) != (1 if sort == "name" else 2):
         raise HTTPError(400, "cursor is not valid")
     return position, tuple(key)
@@ -1561,7 +1563,6 @@ class AccessLog:
     def __init__(self, fd):
         self.fd = fd
         self.lines = deque()
-        self.armed = False
         self.wake = threading.Event()
         self.flushing = threading.Lock()
         threading.Thread(
@@ -1580,11 +1581,10 @@ class AccessLog:
             line = encode_log_line(
                 time, client, method, path, status, sent, duration, True
             )
-        # Queued before armed is read: the writer clears armed before it
+        # Queued before wake is read: the writer clears wake before it
         # drains, so a line it misses always sets wake again.
         self.lines.append(line)
-        if not self.armed:
-            self.armed = True
+        if not self.wake.is_set():
             self.wake.set()
 
     def run(self):
@@ -1592,7 +1592,6 @@ class AccessLog:
             self.wake.wait()
             time.sleep(ACCESS_LOG_DELAY_SECONDS)
             self.wake.clear()
-            self.armed = False
             self.flush()
 
     def flush(self):
